@@ -1,0 +1,58 @@
+"""``moco-pretrain``: MoCo pretraining from a recipe (default: the Fashion-MNIST demo).
+
+One process: ``moco-pretrain --config-file pretrain/moco_v2_200ep.yaml DATA.ROOT /data/imagenet``.
+Several GPUs / nodes: ``torchrun --nproc_per_node 8 --no-python moco-pretrain ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from moco_pretrain.config import setup_cfg
+from moco_pretrain.distributed import is_main_process
+from moco_pretrain.pretrain import run_pretraining
+
+DEMO_RECIPE = "pretrain/fashion_mnist_demo.yaml"
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config-file",
+        default=DEMO_RECIPE,
+        help="recipe YAML: a path, or a name under configs/ (default: %(default)s)",
+    )
+    parser.add_argument("--resume", default="", help="checkpoint to resume from (default: auto)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return parser
+
+
+def print_summary(summary: dict, *, output_dir: str) -> None:
+    """What a newcomer wants to know at the end of a run, and what to run next."""
+    last = summary["epochs"][-1] if summary["epochs"] else {}
+    print(f"\ncheckpoint: {summary['checkpoint']}")
+    if "acc1" in last:
+        print(f"instance discrimination (contrastive top-1, last epoch): {last['acc1']:.1f} %")
+    if "knn_top1" in summary:
+        print(
+            f"kNN top-1 on the validation split: {summary['knn_top1']:.2f} % (MoCo)"
+            f" vs {summary['knn_top1_random_init']:.2f} % (random-init encoder)"
+        )
+    if summary.get("skipped_images"):
+        print(f"unreadable images skipped: {summary['skipped_images']}")
+    if summary["checkpoint"]:
+        print(f"next: moco-convert {summary['checkpoint']} {output_dir}/moco_detectron2.pkl")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_parser().parse_args(argv)
+    cfg = setup_cfg(args.config_file, args.opts)
+    summary = run_pretraining(cfg, resume=args.resume or None)
+    if is_main_process():
+        print_summary(summary, output_dir=cfg.OUTPUT_DIR)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The pretraining config: every key with its default and meaning, detectron2-style.
+
+A recipe is a small YAML diff (optionally ``_BASE_: other.yaml``) over these defaults; ``KEY VALUE``
+pairs on the command line override it; the resolved config is written to ``OUTPUT_DIR``.
+Defaults are MoCo v1 on ImageNet (ResNet-50, 200 epochs), as in the official ``main_moco.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from fvcore.common.config import CfgNode as CN
+
+_C = CN()
+_C.VERSION = 1
+_C.OUTPUT_DIR = "./output/moco"  # checkpoints, config.yaml, log.txt, TensorBoard events
+_C.SEED = 0  # seeds Python/NumPy/torch (offset by rank) and the sampler's shuffling
+
+_C.MODEL = CN()
+_C.MODEL.ARCH = "resnet50"  # any torchvision ResNet
+_C.MODEL.SMALL_STEM = False  # 3x3 stride-1 conv1, no max-pool: for 28-64 px images
+_C.MODEL.DIM = 128  # feature dimension of queries and keys
+_C.MODEL.K = 65536  # queue size (number of negatives)
+_C.MODEL.M = 0.999  # key-encoder momentum
+_C.MODEL.T = 0.07  # softmax temperature (v2: 0.2)
+_C.MODEL.MLP = False  # v2 MLP projection head
+# One process only: BN statistics over this many sub-batches plus a local key shuffle (the
+# one-GPU emulation of Shuffle-BN). Under torchrun the official cross-rank shuffle is used.
+_C.MODEL.BN_SPLITS = 1
+
+_C.DATA = CN()
+_C.DATA.NAME = "imagefolder"  # "imagefolder" (ImageNet layout) | "fashion_mnist"
+_C.DATA.ROOT = ""  # imagefolder: folder with TRAIN_SPLIT/ and VAL_SPLIT/; fashion_mnist: idx dir
+_C.DATA.TRAIN_SPLIT = "train"
+_C.DATA.VAL_SPLIT = "val"  # used by the kNN monitor and evaluation
+_C.DATA.IMAGE_SIZE = 224  # crop size fed to the network
+_C.DATA.AUG = "v1"  # "v1" (InstDisc augmentation) | "v2" (aug+: jitter p=0.8, blur p=0.5)
+_C.DATA.CROP_MIN_SCALE = 0.2  # RandomResizedCrop scale=(CROP_MIN_SCALE, 1)
+_C.DATA.BLUR = True  # v2 only: Gaussian blur (sigma 0.1-2, p=0.5); off for tiny images
+_C.DATA.MEAN = [0.485, 0.456, 0.406]
+_C.DATA.STD = [0.229, 0.224, 0.225]
+_C.DATA.NUM_WORKERS = 8  # per process
+_C.DATA.MAX_SAMPLES = 0  # >0: use only the first N training samples (quick trials)
+_C.DATA.DOWNLOAD = False  # fashion_mnist only: let torchvision download it when not installed
+
+_C.SOLVER = CN()
+_C.SOLVER.EPOCHS = 200
+_C.SOLVER.BATCH_SIZE = 256  # global, over all processes
+_C.SOLVER.BASE_LR = 0.03  # per 256 images: lr = BASE_LR * BATCH_SIZE / 256 (linear scaling)
+_C.SOLVER.LR_SCHEDULE = "step"  # "step" | "cos"; applied per epoch as in the official code
+_C.SOLVER.STEPS = (120, 160)  # epochs at which "step" multiplies the lr by GAMMA
+_C.SOLVER.GAMMA = 0.1
+_C.SOLVER.MOMENTUM = 0.9
+_C.SOLVER.WEIGHT_DECAY = 1e-4
+_C.SOLVER.MAX_ITERS_PER_EPOCH = 0  # >0: cut every epoch short (smoke runs, benchmarks)
+
+_C.TRAIN = CN()
+_C.TRAIN.AMP_DTYPE = "bf16"  # CUDA autocast dtype: "bf16" | "fp16" | "" (fp32); CPU is fp32
+_C.TRAIN.CHANNELS_LAST = True  # CUDA only
+_C.TRAIN.COMPILE = False  # torch.compile the encoders
+_C.TRAIN.CHECKPOINT_PERIOD = 1  # epochs between checkpoints (the last epoch is always saved)
+_C.TRAIN.KEEP_LAST = 3  # checkpoints kept in OUTPUT_DIR (0: keep all)
+_C.TRAIN.AUTO_RESUME = True  # continue from OUTPUT_DIR's last checkpoint if there is one
+_C.TRAIN.LOG_PERIOD = 20  # iterations between log lines / TensorBoard points
+
+_C.KNN = CN()
+_C.KNN.MONITOR_PERIOD = 0  # >0: kNN top-1 on DATA.VAL_SPLIT every N epochs, logged
+_C.KNN.FINAL = False  # after training: kNN top-1 of the learned and of a random-init encoder
+_C.KNN.K = 200  # neighbours (weighted kNN, Wu et al. 2018)
+_C.KNN.T = 0.07  # temperature of the neighbour weights
+_C.KNN.BANK_SIZE = 0  # >0: use only the first N training images as the feature bank
+_C.KNN.BATCH_SIZE = 256  # per process, feature extraction
+
+
+def get_cfg() -> CN:
+    """A fresh copy of the defaults."""
+    return _C.clone()
+
+
+def config_root() -> Path:
+    """The recipes folder: the package's copy when installed, the repository's otherwise."""
+    packaged = Path(__file__).resolve().parent / "_configs"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "configs"
+
+
+def resolve_config_file(name: str) -> Path:
+    """A path as given if it exists, else a recipe name such as ``pretrain/moco_v2_200ep.yaml``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = config_root() / name
+    if packaged.is_file():
+        return packaged
+    raise FileNotFoundError(f"config file {name!r} not found (nor under {config_root()})")
+
+
+def setup_cfg(config_file: str | None, opts: list[str] | None = None) -> CN:
+    """Defaults, merged with ``config_file`` then ``opts`` (``KEY VALUE`` pairs); frozen."""
+    cfg = get_cfg()
+    if config_file:
+        path = resolve_config_file(config_file)
+        with _config_errors(str(path)):
+            cfg.merge_from_file(str(path))
+    if opts:
+        if len(opts) % 2:
+            raise ValueError(f"overrides must be KEY VALUE pairs, got an odd number: {opts}")
+        with _config_errors("command line"):
+            cfg.merge_from_list(opts)
+    cfg.freeze()
+    return cfg
+
+
+@contextmanager
+def _config_errors(source: str) -> Iterator[None]:
+    """Turn yacs' bare KeyError/AssertionError/ValueError into one line naming the source."""
+    try:
+        yield
+    except (KeyError, AssertionError, ValueError) as err:
+        message = err.args[0] if err.args else repr(err)
+        raise ValueError(f"invalid config ({source}): {message}") from None

@@ -1,0 +1,223 @@
+"""Wiring of a pretraining run: config -> model, data, optimizer -> :class:`Trainer`."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from fvcore.common.config import CfgNode
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .builder import MoCo
+from .checkpoint import Checkpointer
+from .data import (
+    build_dataset,
+    build_eval_loader,
+    build_pretrain_transform,
+    limit_samples,
+    num_classes_of,
+    num_skipped_images,
+)
+from .distributed import get_rank, get_world_size, init_distributed, is_main_process, seed_all
+from .engine import Trainer, logger, setup_logging, unwrap
+from .knn import knn_evaluate
+from .models import build_backbone, build_resnet
+from .schedules import lr_at_epoch, scaled_lr
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "": None}
+
+
+def build_moco(cfg: CfgNode) -> MoCo:
+    encoder = functools.partial(build_resnet, cfg.MODEL.ARCH, small_stem=cfg.MODEL.SMALL_STEM)
+    return MoCo(
+        encoder,
+        cfg.MODEL.DIM,
+        cfg.MODEL.K,
+        cfg.MODEL.M,
+        cfg.MODEL.T,
+        cfg.MODEL.MLP,
+        bn_splits=cfg.MODEL.BN_SPLITS,
+    )
+
+
+def per_process_batch_size(cfg: CfgNode) -> int:
+    """``SOLVER.BATCH_SIZE`` is global; every process gets an equal share."""
+    world_size = get_world_size()
+    batch, remainder = divmod(cfg.SOLVER.BATCH_SIZE, world_size)
+    if remainder or batch == 0:
+        raise ValueError(
+            f"SOLVER.BATCH_SIZE={cfg.SOLVER.BATCH_SIZE} is not divisible by the {world_size} processes"
+        )
+    if world_size == 1 and batch % cfg.MODEL.BN_SPLITS:
+        raise ValueError(f"batch {batch} is not divisible by MODEL.BN_SPLITS={cfg.MODEL.BN_SPLITS}")
+    return batch
+
+
+def build_pretrain_loader(cfg: CfgNode) -> DataLoader:
+    dataset = build_dataset(
+        cfg, split=cfg.DATA.TRAIN_SPLIT, transform=build_pretrain_transform(cfg)
+    )
+    dataset = limit_samples(dataset, cfg.DATA.MAX_SAMPLES)
+    batch_size = per_process_batch_size(cfg)
+    if len(dataset) < cfg.SOLVER.BATCH_SIZE:
+        raise ValueError(
+            f"{len(dataset)} training images are fewer than one batch (SOLVER.BATCH_SIZE="
+            f"{cfg.SOLVER.BATCH_SIZE}); lower the batch size or add data"
+        )
+    # A seeded DistributedSampler (also in one process) makes every epoch's order a function of
+    # (SEED, epoch), so a resumed run sees the same batches as an uninterrupted one.
+    sampler = DistributedSampler(
+        dataset,
+        num_replicas=get_world_size(),
+        rank=get_rank(),
+        shuffle=True,
+        seed=cfg.SEED,
+        drop_last=True,
+    )
+    workers = cfg.DATA.NUM_WORKERS
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
+
+
+def contrastive_step(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """InfoNCE loss and contrastive top-1 (is the positive the arg-max of 1+K logits)."""
+    (im_q, im_k), _ = batch
+    logits, labels = model(im_q, im_k)  # logits: Nx(1+K), labels: N
+    loss = F.cross_entropy(logits, labels)
+    acc1 = (logits.argmax(dim=1) == labels).float().mean() * 100
+    return loss, {"acc1": acc1}
+
+
+def backbone_of(model: MoCo, cfg: CfgNode) -> nn.Module:
+    """The query encoder without its projection head (pooled features), for kNN evaluation."""
+    backbone = build_backbone(cfg.MODEL.ARCH, small_stem=cfg.MODEL.SMALL_STEM)
+    state = {k: v for k, v in model.encoder_q.state_dict().items() if not k.startswith("fc.")}
+    backbone.load_state_dict(state)
+    return backbone.to(model.queue.device)
+
+
+def knn_top1_of(backbone: nn.Module, cfg: CfgNode, device: torch.device) -> float:
+    """Weighted kNN top-1 (%) on ``DATA.VAL_SPLIT`` with a bank from ``DATA.TRAIN_SPLIT``."""
+    bank = build_eval_loader(
+        cfg,
+        split=cfg.DATA.TRAIN_SPLIT,
+        batch_size=cfg.KNN.BATCH_SIZE,
+        max_samples=cfg.KNN.BANK_SIZE,
+    )
+    val = build_eval_loader(cfg, split=cfg.DATA.VAL_SPLIT, batch_size=cfg.KNN.BATCH_SIZE)
+    metrics = knn_evaluate(
+        backbone, bank, val, device=device, num_classes=num_classes_of(val.dataset), k=cfg.KNN.K,
+        temperature=cfg.KNN.T,
+    )  # fmt: skip
+    return metrics["top1"]
+
+
+def run_pretraining(cfg: CfgNode, *, resume: str | None = None) -> dict[str, Any]:
+    """Train MoCo as ``cfg`` says; returns a summary (also written to ``OUTPUT_DIR/summary.json``)."""
+    device = init_distributed()
+    output_dir = Path(cfg.OUTPUT_DIR)
+    setup_logging(output_dir)
+    seed_all(cfg.SEED)
+    if is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(cfg.dump())
+    loader = build_pretrain_loader(cfg)  # fails early on a missing/empty data folder
+
+    model = build_moco(cfg).to(device)
+    use_cuda = device.type == "cuda"
+    if use_cuda and cfg.TRAIN.CHANNELS_LAST:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.TRAIN.COMPILE:
+        model.encoder_q.compile()
+        model.encoder_k.compile()
+    lr = scaled_lr(cfg.SOLVER.BASE_LR, cfg.SOLVER.BATCH_SIZE)
+    # All parameters, as the official code: the key encoder's never get a gradient, so SGD skips
+    # them, and the optimizer state keeps the official layout.
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr, momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        **({"fused": True} if use_cuda else {"foreach": True}),
+    )  # fmt: skip
+    train_model = (
+        nn.parallel.DistributedDataParallel(model, device_ids=[device] if use_cuda else None)
+        if get_world_size() > 1
+        else model
+    )
+    logger.info(
+        "MoCo %s: %d processes x %d images = batch %d, lr %.4g (= %.4g x %d / 256), %d iterations/epoch",
+        cfg.MODEL.ARCH, get_world_size(), loader.batch_size, cfg.SOLVER.BATCH_SIZE, lr,
+        cfg.SOLVER.BASE_LR, cfg.SOLVER.BATCH_SIZE, len(loader),
+    )  # fmt: skip
+    trainer = Trainer(
+        model=train_model,
+        optimizer=optimizer,
+        loader=loader,
+        step_fn=functools.partial(contrastive_step, train_model),
+        lr_at_epoch=functools.partial(
+            lr_at_epoch,
+            lr,
+            schedule=cfg.SOLVER.LR_SCHEDULE,
+            epochs=cfg.SOLVER.EPOCHS,
+            steps=cfg.SOLVER.STEPS,
+            gamma=cfg.SOLVER.GAMMA,
+        ),  # fmt: skip
+        epochs=cfg.SOLVER.EPOCHS,
+        checkpointer=Checkpointer(output_dir, keep_last=cfg.TRAIN.KEEP_LAST),
+        arch=cfg.MODEL.ARCH,
+        device=device,
+        amp_dtype=AMP_DTYPES[cfg.TRAIN.AMP_DTYPE],
+        channels_last=use_cuda and cfg.TRAIN.CHANNELS_LAST,
+        log_period=cfg.TRAIN.LOG_PERIOD,
+        checkpoint_period=cfg.TRAIN.CHECKPOINT_PERIOD,
+        max_iters_per_epoch=cfg.SOLVER.MAX_ITERS_PER_EPOCH,
+        config_yaml=cfg.dump(),
+        tensorboard_dir=output_dir / "tensorboard",
+    )
+    resume = resume or (cfg.TRAIN.AUTO_RESUME and trainer.checkpointer.last_checkpoint())
+    if resume:
+        trainer.resume(resume)
+
+    knn_history: list[dict[str, float]] = []
+
+    def knn_monitor(epoch: int) -> None:
+        period = cfg.KNN.MONITOR_PERIOD
+        if period > 0 and ((epoch + 1) % period == 0 or epoch + 1 == cfg.SOLVER.EPOCHS):
+            top1 = knn_top1_of(backbone_of(model, cfg), cfg, device)
+            knn_history.append({"epoch": epoch + 1, "knn_top1": top1})
+            logger.info("epoch %d: kNN top-1 %.2f %%", epoch + 1, top1)
+            if trainer.writer:
+                trainer.writer.add_scalar("epoch/knn_top1", top1, epoch + 1)
+
+    start = time.perf_counter()
+    trainer.train(epoch_end_hooks=[knn_monitor])
+    summary: dict[str, Any] = {
+        "checkpoint": str(trainer.last_saved) if trainer.last_saved else None,
+        "epochs": trainer.history,
+        "knn": knn_history,
+        "train_seconds": time.perf_counter() - start,
+        "skipped_images": num_skipped_images(loader.dataset),
+    }
+    if cfg.KNN.FINAL:
+        summary["knn_top1"] = (
+            knn_history[-1]["knn_top1"]
+            if knn_history
+            else knn_top1_of(backbone_of(unwrap(train_model), cfg), cfg, device)
+        )
+        torch.manual_seed(cfg.SEED)
+        random_init = build_backbone(cfg.MODEL.ARCH, small_stem=cfg.MODEL.SMALL_STEM).to(device)
+        summary["knn_top1_random_init"] = knn_top1_of(random_init, cfg, device)
+    if is_main_process():
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

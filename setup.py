@@ -1,0 +1,58 @@
+"""moco-pretrain: MoCo v1/v2 pretraining and its Detectron2 detection-transfer benchmark."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+
+def _link_configs() -> None:
+    """Expose the repository's configs/ inside the package so installed commands find the recipes."""
+    link = HERE / "moco_pretrain" / "_configs"
+    if not link.exists() and (HERE / "configs").is_dir():
+        link.symlink_to(Path("..") / "configs", target_is_directory=True)
+
+
+_link_configs()
+
+setup(
+    name="moco-pretrain",
+    version="0.1.0",
+    description="MoCo v1/v2 self-supervised pretraining of ResNets and Detectron2 detection transfer",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    # tools/ holds scripts and is never installed: detectron2 installs a top-level `tools` package.
+    packages=find_packages(include=["moco_pretrain", "moco_pretrain.*", "transfer", "transfer.*"]),
+    package_data={"moco_pretrain": ["_configs/*/*.yaml"]},
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "fvcore>=0.1.5",
+        "iopath>=0.1.9",
+        "yacs>=0.1.8",
+        "tensorboard>=2.12",
+        "tqdm>=4.64",
+        "numpy>=1.24",
+        "pillow>=9.0",
+        "matplotlib>=3.6",
+    ],
+    extras_require={
+        # detectron2 itself is not on PyPI: install it from its official repository (README).
+        "detection": ["pycocotools>=2.0.6", "setuptools<81"],
+        "slurm": ["submitit>=1.5"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.1", "ruff>=0.4"],
+    },
+    entry_points={
+        "console_scripts": [
+            "moco-pretrain=moco_pretrain.cli.pretrain:main",
+            "moco-lincls=moco_pretrain.cli.lincls:main",
+            "moco-knn=moco_pretrain.cli.knn:main",
+            "moco-convert=transfer.convert:main",
+            "moco-transfer=transfer.train_net:main",
+            "moco-report=transfer.report:main",
+        ]
+    },
+)

@@ -1,0 +1,226 @@
+"""Convert a ResNet backbone checkpoint to a Detectron2 weight file, verifying every tensor.
+
+``moco-convert INPUT OUTPUT.pkl [--prefix P] [--arch resnet50]``
+
+The key map is exact (torchvision -> Detectron2 ``ResNet`` names)::
+
+    conv1.weight                     -> stem.conv1.weight
+    bn1.{weight,bias,running_*}      -> stem.conv1.norm.*
+    layer{i}.{b}.conv{k}.weight      -> res{i+1}.{b}.conv{k}.weight
+    layer{i}.{b}.bn{k}.*             -> res{i+1}.{b}.conv{k}.norm.*
+    layer{i}.0.downsample.0.weight   -> res{i+1}.0.shortcut.weight
+    layer{i}.0.downsample.1.*        -> res{i+1}.0.shortcut.norm.*
+
+Detectron2 places these by suffix matching (``matching_heuristics``): ``res5`` lands in
+``roi_heads.res5`` for C4 models and in ``backbone.bottom_up.res5`` for FPN models.
+
+Deviations from the official ``detection/convert-pretrain-to-detectron2.py`` (MoCo, 78b69ca):
+it renames every ``module.encoder_q.*`` key by substring replacement, so the projection head
+leaks into the file as ``stem.fc.*`` and a checkpoint with other key names silently converts
+to (almost) nothing. Here the head and key encoder are dropped by name
+(:mod:`moco_pretrain.weights`), every expected tensor must be present with its exact shape,
+nothing may be left over, and no file is written on error. ``num_batches_tracked`` counters are
+dropped (Detectron2's norms do not use them). The file is written atomically and records its
+provenance. This module does not import Detectron2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moco_pretrain.weights import BackboneWeights, load_backbone_state_dict
+
+__all__ = [
+    "ConversionError",
+    "convert_to_detectron2",
+    "detectron2_key_map",
+    "resnet_tensor_shapes",
+    "write_detectron2_pkl",
+    "main",
+]
+
+FORMAT_VERSION = 1
+# arch -> (block type, blocks per stage); Detectron2 builds the same ResNets (MODEL.RESNETS.DEPTH)
+_RESNETS = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+    "resnet101": ("bottleneck", (3, 4, 23, 3)),
+    "resnet152": ("bottleneck", (3, 8, 36, 3)),
+}
+_BN = ("weight", "bias", "running_mean", "running_var")
+
+
+class ConversionError(ValueError):
+    """The backbone does not match the expected ResNet tensor set."""
+
+
+def _conv_bn(shapes: dict, conv: str, bn: str, shape: tuple[int, ...]) -> None:
+    shapes[f"{conv}.weight"] = shape
+    shapes.update({f"{bn}.{p}": (shape[0],) for p in _BN})
+
+
+def resnet_tensor_shapes(arch: str = "resnet50") -> dict[str, tuple[int, ...]]:
+    """torchvision ResNet backbone tensor name -> shape, without ``fc`` and BN counters."""
+    if arch not in _RESNETS:
+        raise ValueError(f"unsupported arch {arch!r}; expected one of {sorted(_RESNETS)}")
+    block, depths = _RESNETS[arch]
+    expansion = 4 if block == "bottleneck" else 1
+    shapes: dict[str, tuple[int, ...]] = {}
+    _conv_bn(shapes, "conv1", "bn1", (64, 3, 7, 7))
+    in_ch = 64
+    for stage, n_blocks in enumerate(depths):
+        width = 64 * 2**stage
+        out_ch = width * expansion
+        for b in range(n_blocks):
+            p = f"layer{stage + 1}.{b}"
+            if block == "bottleneck":
+                convs = [(width, in_ch, 1, 1), (width, width, 3, 3), (out_ch, width, 1, 1)]
+            else:
+                convs = [(width, in_ch, 3, 3), (width, width, 3, 3)]
+            for k, shape in enumerate(convs, start=1):
+                _conv_bn(shapes, f"{p}.conv{k}", f"{p}.bn{k}", shape)
+            if b == 0 and (stage > 0 or in_ch != out_ch):
+                _conv_bn(shapes, f"{p}.downsample.0", f"{p}.downsample.1", (out_ch, in_ch, 1, 1))
+            in_ch = out_ch
+    return shapes
+
+
+def _rename(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] == "conv1":
+        return "stem.conv1.weight"
+    if parts[0] == "bn1":
+        return f"stem.conv1.norm.{parts[1]}"
+    stage, block, module, *rest = parts  # layer{i}, b, conv{k}|bn{k}|downsample, ...
+    prefix = f"res{int(stage[len('layer') :]) + 1}.{block}"
+    if module.startswith("conv"):
+        return f"{prefix}.{module}.weight"
+    if module.startswith("bn"):
+        return f"{prefix}.conv{module[2:]}.norm.{rest[0]}"
+    index, param = rest  # downsample.0 (conv) / downsample.1 (BN)
+    return f"{prefix}.shortcut.{param}" if index == "0" else f"{prefix}.shortcut.norm.{param}"
+
+
+def detectron2_key_map(arch: str = "resnet50") -> dict[str, str]:
+    """The exact torchvision -> Detectron2 name map for every backbone tensor of ``arch``."""
+    return {name: _rename(name) for name in resnet_tensor_shapes(arch)}
+
+
+def convert_to_detectron2(weights: BackboneWeights, *, arch: str = "resnet50") -> dict[str, Any]:
+    """Rename and verify ``weights`` into Detectron2's weight-file dict.
+
+    Returns:
+        ``{"model": {detectron2 name: float32 ndarray}, "__author__": "moco-pretrain",
+        "matching_heuristics": True, "provenance": {...}}``.
+
+    Raises:
+        ConversionError: a missing tensor, a shape mismatch or a key outside ``arch``'s backbone;
+            the message names them.
+    """
+    expected = resnet_tensor_shapes(arch)
+    counters = sorted(k for k in weights.state_dict if k.endswith(".num_batches_tracked"))
+    state = {k: v for k, v in weights.state_dict.items() if k not in set(counters)}
+    missing = sorted(set(expected) - set(state))
+    unmapped = sorted(set(state) - set(expected))
+    wrong_shape = [
+        f"{k}: {tuple(state[k].shape)} != expected {expected[k]}"
+        for k in sorted(set(expected) & set(state))
+        if tuple(state[k].shape) != expected[k]
+    ]
+    source = weights.meta.get("path", "<state dict>")
+    problems = [
+        f"{len(keys)} {what}: {keys[:10]}{' ...' if len(keys) > 10 else ''}"
+        for what, keys in (
+            ("missing tensors", missing),
+            ("tensors with the wrong shape", wrong_shape),
+            ("unmapped keys", unmapped),
+        )
+        if keys
+    ]
+    if problems:
+        raise ConversionError(
+            f"{source} (layout {weights.layout}) is not a {arch} backbone: " + "; ".join(problems)
+        )
+    key_map = detectron2_key_map(arch)
+    model = {key_map[k]: v.detach().to(torch.float32).cpu().numpy() for k, v in state.items()}
+    dropped = dict(weights.dropped)
+    if counters:
+        dropped["BN step counters"] = counters
+    provenance = {
+        "format_version": FORMAT_VERSION,
+        "source": str(source),
+        "source_sha256": weights.meta.get("sha256"),
+        "layout": weights.layout,
+        "epoch": weights.meta.get("epoch"),
+        "arch": weights.meta.get("arch", arch),
+        "converted_as": arch,
+        "dropped": dropped,  # reason -> source keys dropped by name
+    }
+    return {
+        "model": model,
+        "__author__": "moco-pretrain",
+        "matching_heuristics": True,
+        "provenance": provenance,
+    }
+
+
+def write_detectron2_pkl(converted: dict[str, Any], path: str | Path) -> None:
+    """Pickle ``converted`` to ``path`` atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(converted, f, protocol=pickle.HIGHEST_PROTOCOL)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moco-convert",
+        description="Convert a MoCo (v1/v2/v3), torchvision or prefixed ResNet checkpoint to a "
+        "Detectron2 .pkl weight file, verifying every backbone tensor.",
+    )
+    parser.add_argument("input", help="checkpoint (.pth / .pth.tar)")
+    parser.add_argument("output", help="Detectron2 weight file to write (.pkl)")
+    parser.add_argument("--prefix", default=None, help="backbone key prefix, e.g. 'backbone.'")
+    parser.add_argument("--arch", default="resnet50", choices=sorted(_RESNETS))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.output.endswith(".pkl"):
+        raise SystemExit("moco-convert: OUTPUT must end in .pkl (Detectron2 reads it as pickle)")
+    try:
+        weights = load_backbone_state_dict(args.input, prefix=args.prefix)
+        converted = convert_to_detectron2(weights, arch=args.arch)
+    except ValueError as e:  # CheckpointLayoutError, ConversionError
+        raise SystemExit(f"moco-convert: error: {e}") from e
+    write_detectron2_pkl(converted, args.output)
+    prov = converted["provenance"]
+    print(f"source:    {args.input} (sha256 {prov['source_sha256'][:16]}...)")
+    print(f"layout:    {prov['layout']}, arch {prov['arch']}, epoch {prov['epoch']}")
+    print(f"converted: {len(converted['model'])} tensors ({args.arch} backbone, all verified)")
+    for reason, keys in prov["dropped"].items():
+        print(f"skipped:   {len(keys)} {reason} tensors, e.g. {keys[0]}")
+    print(f"wrote:     {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
