@@ -43,13 +43,14 @@ setup(
         # detectron2 itself is not on PyPI: install it from its official repository (README).
         "detection": ["pycocotools>=2.0.6", "setuptools<81"],
         "slurm": ["submitit>=1.5"],
-        "test": ["pytest>=7.4", "pytest-timeout>=2.1", "ruff>=0.4"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.1", "ruff>=0.4", "submitit>=1.5"],
     },
     entry_points={
         "console_scripts": [
             "moco-pretrain=moco_pretrain.cli.pretrain:main",
             "moco-lincls=moco_pretrain.cli.lincls:main",
             "moco-knn=moco_pretrain.cli.knn:main",
+            "moco-submit=moco_pretrain.cli.submit:main",
             "moco-convert=transfer.convert:main",
             "moco-transfer=transfer.train_net:main",
             "moco-report=transfer.report:main",

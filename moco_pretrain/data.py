@@ -79,6 +79,20 @@ def pretrain_transform(
     return transforms.Compose([*augment, transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
+def linear_train_transform(
+    *, size: int, mean: Sequence[float], std: Sequence[float]
+) -> transforms.Compose:
+    """The linear-classification training augmentation: RandomResizedCrop (0.08-1) and a flip."""
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+
+
 def eval_transform(*, size: int, mean: Sequence[float], std: Sequence[float]) -> transforms.Compose:
     """Resize (the ImageNet 256/224 ratio) and centre crop, for kNN and linear evaluation."""
     return transforms.Compose(
@@ -246,6 +260,31 @@ def num_classes_of(dataset: Dataset) -> int:
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
     return len(dataset.classes)
+
+
+def build_train_loader(
+    dataset: Dataset, *, batch_size: int, seed: int, num_workers: int, drop_last: bool
+) -> torch.utils.data.DataLoader:
+    """Shuffled batches for one process.
+
+    A seeded DistributedSampler, also in one process, makes every epoch's order a function of
+    (seed, epoch), so a resumed run sees the same batches as an uninterrupted one.
+    """
+    from .distributed import get_rank, get_world_size
+
+    sampler = torch.utils.data.DistributedSampler(
+        dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True, seed=seed,
+        drop_last=drop_last,
+    )  # fmt: skip
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+    )
 
 
 def build_eval_loader(

@@ -65,6 +65,17 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return reduced / get_world_size()
 
 
+def per_process_batch_size(global_batch_size: int) -> int:
+    """The equal share of a global batch that each process gets; a clear error if none exists."""
+    world_size = get_world_size()
+    batch, remainder = divmod(global_batch_size, world_size)
+    if remainder or batch == 0:
+        raise ValueError(
+            f"SOLVER.BATCH_SIZE={global_batch_size} is not divisible by the {world_size} processes"
+        )
+    return batch
+
+
 def init_distributed(*, backend: str | None = None) -> torch.device:
     """Join the process group described by torchrun's environment (env://), if any.
 

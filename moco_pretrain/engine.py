@@ -33,6 +33,7 @@ from .distributed import all_reduce_mean, get_world_size, is_main_process
 
 logger = logging.getLogger("moco_pretrain")
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "": None}  # TRAIN.AMP_DTYPE
 StepFn = Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 

@@ -59,8 +59,9 @@ def extract_features(
     The model runs in eval mode under ``torch.no_grad`` (its previous mode is restored afterwards).
     Under a process group each rank extracts the shard its sampler yields and the shards are
     all-gathered, so every rank returns the same full result. The duplicates that
-    ``DistributedSampler`` pads with are dropped: each dataset index counts once, rows are sorted by
-    dataset index (for a sampler over a subset of the dataset, only the indices it yields).
+    ``DistributedSampler`` pads with are dropped: each dataset index counts once and rows are sorted
+    by dataset index. Peak memory is about twice the full result (gather buffer and de-duplicated
+    copy): 10.5 GB per device for an fp16 ImageNet bank (1.28M x 2048).
 
     Args:
         model: maps an image batch ``[B, 3, H, W]`` to features ``[B, D]``; pass the module itself,
@@ -74,6 +75,10 @@ def extract_features(
 
     Returns:
         ``features [N, D]`` of ``dtype`` and ``labels [N]`` int64, both on ``device``.
+
+    Raises:
+        ValueError: a ``RandomSampler``, or a loader that does not cover every sample of its
+            dataset (``drop_last``).
     """
     device = torch.device(device)
     indices = _loader_indices(loader)  # [n_local]

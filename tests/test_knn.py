@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
@@ -21,6 +18,8 @@ from moco_pretrain.knn import (
     knn_top1,
     topk_accuracy,
 )
+
+from .distributed_utils import run_on_gloo
 
 
 def _unit(*angles_deg: float) -> torch.Tensor:
@@ -199,42 +198,39 @@ class _Indexed(Dataset):
         return torch.tensor([float(i), 1.0, -1.0]), i % 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _gather_worker(rank: int, world_size: int, port: int, out_dir: str, shuffle: bool) -> None:
+def _gather_worker(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
-    )
-    try:
-        ds = _Indexed()
+    ds = _Indexed()
+    loaders = {
         # 7 samples over 2 ranks: DistributedSampler pads with one duplicate (4 + 4 rows).
-        sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle)
-        loader = DataLoader(ds, batch_size=3, sampler=sampler)
-        feats, labels = extract_features(nn.Identity(), loader, device="cpu", normalize=False)
-        half, _ = extract_features(nn.Identity(), loader, device="cpu", dtype=torch.float16)
-        torch.save({"feats": feats, "labels": labels, "half": half}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        "sequential": DataLoader(ds, batch_size=3, sampler=DistributedSampler(ds, shuffle=False)),
+        "shuffled": DataLoader(ds, batch_size=3, sampler=DistributedSampler(ds, shuffle=True)),
+        # Uneven shards (5 + 2 rows): the gather pads and drops the padding.
+        "uneven": DataLoader(ds, batch_size=2, sampler=[[4, 0, 1, 2, 3], [6, 5]][rank]),
+    }
+    result = {}
+    for name, loader in loaders.items():
+        result[name] = extract_features(nn.Identity(), loader, device="cpu", normalize=False)
+    result["half"] = extract_features(
+        nn.Identity(), loaders["shuffled"], device="cpu", dtype=torch.float16
+    )
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_extract_features_gathers_each_sample_once(tmp_path, shuffle):
-    mp.spawn(_gather_worker, args=(2, _free_port(), str(tmp_path), shuffle), nprocs=2, join=True)
+def test_extract_features_gathers_each_sample_once(tmp_path):
+    run_on_gloo(_gather_worker, str(tmp_path))
     ds = _Indexed()
     expected = torch.stack([ds[i][0] for i in range(len(ds))])  # [7, 3] in dataset order
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
-        assert torch.equal(got["feats"], expected)
-        assert got["labels"].tolist() == [i % 3 for i in range(7)]
-        torch.testing.assert_close(
-            got["half"].float(), F.normalize(expected, dim=1), rtol=1e-3, atol=1e-3
-        )
+        for name in ("sequential", "shuffled", "uneven"):
+            feats, labels = got[name]
+            assert torch.equal(feats, expected), name
+            assert labels.tolist() == [i % 3 for i in range(7)], name
+        half, _ = got["half"]
+        assert half.dtype == torch.float16
+        torch.testing.assert_close(half.float(), F.normalize(expected, dim=1), rtol=1e-3, atol=1e-3)
 
 
 def test_topk_accuracy_contract():

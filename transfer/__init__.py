@@ -1,0 +1,21 @@
+"""Detectron2 transfer of MoCo backbones: converter, plugin, training entry point and report.
+
+``import transfer`` does not import Detectron2; the converter (:mod:`transfer.convert`) and the
+report (:mod:`transfer.report`) work without it. Detectron2 is imported when the plugin is used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["add_moco_config"]
+
+
+def add_moco_config(cfg: Any) -> None:
+    """Add the plugin's ``MOCO.*`` keys to a detectron2 config and register its modules.
+
+    Registers ``Res5ROIHeadsExtraNorm`` in ``ROI_HEADS_REGISTRY``. Needs Detectron2.
+    """
+    from .config import add_moco_config as _add_moco_config
+
+    _add_moco_config(cfg)

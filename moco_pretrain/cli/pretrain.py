@@ -15,9 +15,9 @@ from moco_pretrain.pretrain import run_pretraining
 DEMO_RECIPE = "pretrain/fashion_mnist_demo.yaml"
 
 
-def get_parser() -> argparse.ArgumentParser:
+def get_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help
     )
     parser.add_argument(
         "--config-file",

@@ -1,0 +1,67 @@
+"""``moco-knn``: weighted kNN top-1/top-5 of frozen pretrained features (Wu et al. 2018).
+
+A bank of un-augmented ``DATA.TRAIN_SPLIT`` features (the first ``KNN.BANK_SIZE`` images when > 0)
+votes for each ``DATA.VAL_SPLIT`` image with ``KNN.K`` neighbours and temperature ``KNN.T``.
+Writes ``OUTPUT_DIR/knn/results.json``. Under ``torchrun`` each process extracts a shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from fvcore.common.config import CfgNode
+
+from moco_pretrain.config import setup_cfg
+from moco_pretrain.distributed import init_distributed, is_main_process
+from moco_pretrain.engine import setup_logging
+from moco_pretrain.lincls import build_frozen_backbone, load_pretrained, write_results
+from moco_pretrain.pretrain import knn_metrics_of
+
+DEMO_RECIPE = "lincls/fashion_mnist_demo.yaml"
+
+
+def run_knn(cfg: CfgNode, *, pretrained: str, prefix: str | None = None) -> dict[str, Any]:
+    device = init_distributed()
+    output_dir = Path(cfg.OUTPUT_DIR) / "knn"
+    setup_logging(output_dir)
+    weights = load_pretrained(cfg, pretrained, prefix=prefix)
+    backbone = build_frozen_backbone(cfg, weights).to(device)
+    metrics, bank_size = knn_metrics_of(backbone, cfg, device)
+    extra = {"k": cfg.KNN.K, "temperature": cfg.KNN.T, "bank_size": bank_size}
+    if is_main_process():
+        write_results(output_dir, task="knn", metrics=metrics, weights=weights, cfg=cfg, **extra)
+    return {"task": "knn", "metrics": metrics, **extra}
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config-file",
+        default=DEMO_RECIPE,
+        help="recipe YAML: a path, or a name under configs/ (default: %(default)s)",
+    )
+    parser.add_argument("--pretrained", required=True, help="pretrained checkpoint (any layout)")
+    parser.add_argument("--prefix", default=None, help="backbone key prefix of other layouts")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_parser().parse_args(argv)
+    cfg = setup_cfg(args.config_file, args.opts)
+    result = run_knn(cfg, pretrained=args.pretrained, prefix=args.prefix)
+    if is_main_process():
+        top1, top5 = result["metrics"]["top1"], result["metrics"]["top5"]
+        print(
+            f"\nkNN (k={result['k']}, T={result['temperature']}, bank {result['bank_size']}):"
+            f" top-1 {top1:.2f} %, top-5 {top5:.2f} %"
+            f"\nresults: {cfg.OUTPUT_DIR}/knn/results.json"
+        )
+
+
+if __name__ == "__main__":
+    main()

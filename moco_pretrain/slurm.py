@@ -1,0 +1,94 @@
+"""Run pretraining on a SLURM cluster with submitit: N nodes x G GPUs, requeued on preemption.
+
+Each SLURM task is one process (one GPU). It receives torchrun's environment variables, so the
+training code is the same as under ``torchrun``; a requeued job auto-resumes from the last
+checkpoint in ``OUTPUT_DIR`` (``TRAIN.AUTO_RESUME``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+
+def torchrun_environment(
+    *, global_rank: int, local_rank: int, world_size: int, master_addr: str, master_port: int
+) -> dict[str, str]:
+    """The ``env://`` variables that :func:`moco_pretrain.distributed.init_distributed` reads."""
+    return {
+        "RANK": str(global_rank),
+        "LOCAL_RANK": str(local_rank),
+        "WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": master_addr,
+        "MASTER_PORT": str(master_port),
+    }
+
+
+def master_port_for(job_id: str) -> int:
+    """A port derived from the job id, so that jobs sharing a node do not collide."""
+    digits = "".join(ch for ch in job_id if ch.isdigit()) or "0"
+    return 20000 + int(digits[-4:]) % 20000
+
+
+class PretrainJob:
+    """A submitit callable: ``moco-pretrain ARGV`` in every task; requeues itself on preemption."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.argv = list(argv)
+
+    def __call__(self) -> None:
+        import submitit
+
+        from .cli.pretrain import main
+
+        env = submitit.JobEnvironment()
+        os.environ.update(
+            torchrun_environment(
+                global_rank=env.global_rank,
+                local_rank=env.local_rank,
+                world_size=env.num_tasks,
+                master_addr=env.hostnames[0],
+                master_port=master_port_for(str(env.job_id)),
+            )
+        )
+        main(self.argv)
+
+    def checkpoint(self) -> Any:
+        """Called by submitit on preemption or timeout: resubmit; training auto-resumes."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(PretrainJob(self.argv))
+
+
+def submit(
+    argv: Sequence[str],
+    *,
+    job_dir: str,
+    nodes: int,
+    gpus_per_node: int,
+    timeout_min: int,
+    partition: str = "",
+    cpus_per_task: int = 10,
+    slurm_options: dict[str, Any] | None = None,
+    cluster: str | None = None,
+) -> Any:
+    """Submit ``moco-pretrain argv`` as one SLURM job; returns the submitit job.
+
+    ``cluster="debug"`` runs the job in this process (submitit's debug executor), for trials.
+    """
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=job_dir, cluster=cluster, slurm_max_num_timeout=100)
+    executor.update_parameters(
+        name="moco-pretrain",
+        nodes=nodes,
+        tasks_per_node=gpus_per_node,
+        gpus_per_node=gpus_per_node,
+        cpus_per_task=cpus_per_task,
+        timeout_min=timeout_min,
+        **({"slurm_partition": partition} if partition else {}),
+        slurm_signal_delay_s=120,
+        slurm_additional_parameters=slurm_options or {},
+    )
+    return executor.submit(PretrainJob(argv))

@@ -1,0 +1,95 @@
+"""The benchmark tool: runs both variants through the engine and reports the agreed JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "benchmark_pretrain.py"
+SMALL = [
+    "MODEL.ARCH",
+    "resnet18",
+    "DATA.IMAGE_SIZE",
+    "32",
+    "SOLVER.BATCH_SIZE",
+    "8",
+    "MODEL.K",
+    "64",
+]
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("benchmark_pretrain", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_report(report: dict, tool) -> None:
+    assert set(report) == {"command", "machine", "config", "ours", "baseline", "ratio"}
+    assert report["machine"]["device"] == "cpu"
+    for name in ("ours", "baseline"):
+        result = report[name]
+        assert result["images_per_s"] > 0 and result["step_ms"] > 0
+        assert len(result["step_seconds_per_round"]) == report["config"]["rounds"]
+        assert result["step_ms"] == pytest.approx(1000 * result["step_seconds_per_round"][0])
+        assert set(result["split_ms"]) == {*tool.PARTS, "step"}
+        assert result["split_ms"]["query_fwd_bwd"] > 0 and result["split_ms"]["key_fwd"] > 0
+        assert result["split_ms"]["momentum_update"] > 0 and result["split_ms"]["optimizer"] > 0
+        assert result["peak_memory_mib"] is None or result["peak_memory_mib"] >= 0
+    expected = report["baseline"]["step_ms"] / report["ours"]["step_ms"]  # one round
+    assert report["ratio"]["images_per_s"] == pytest.approx(expected)
+
+
+def test_model_mode_two_steps_writes_the_json(tool, tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--threads", "1", "--steps", "2", "--warmup", "1", "--rounds", "1"]
+    argv += ["--json", str(out)]
+    report = tool.main([*argv, *SMALL, "MODEL.BN_SPLITS", "2"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    _check_report(report, tool)
+    assert report["config"]["mode"] == "model" and report["config"]["bn_splits"] == 2
+    assert report["ours"]["split_ms"]["shuffle"] > 0  # split BN: the key batch is shuffled
+    assert report["ours"]["split_ms"]["data"] < report["ours"]["split_ms"]["step"]
+
+
+def test_end_to_end_with_device_augmentation(tool, tiny_imagefolder):
+    argv = ["--device", "cpu", "--threads", "1", "--mode", "e2e", "--aug", "device", "--steps", "2"]
+    opts = ["DATA.ROOT", str(tiny_imagefolder), "DATA.NUM_WORKERS", "0", "DATA.AUG", "v2"]
+    report = tool.main([*argv, "--warmup", "1", "--rounds", "1", *SMALL, *opts])
+    _check_report(report, tool)
+    assert report["config"]["aug"] == "device"
+    assert report["ours"]["split_ms"]["augment"] > 0  # on the device, inside the step
+    assert report["baseline"]["split_ms"]["augment"] == 0  # the CPU recipe, in the loader
+
+
+def test_baseline_momentum_update_matches_ours_exactly(tool):
+    """The baseline differs in speed only: its Python-loop update gives the same key encoder."""
+    torch.manual_seed(0)
+
+    def encoder(num_classes: int) -> torch.nn.Module:
+        net = torch.nn.Sequential(torch.nn.Linear(4, 6))
+        net.fc = torch.nn.Linear(6, num_classes)
+        return net
+
+    model = tool.OfficialMoCo(encoder, dim=8, K=16, m=0.9)
+    with torch.no_grad():
+        for param in model.encoder_q.parameters():
+            param.add_(torch.randn_like(param))
+    reference = {k: v.clone() for k, v in model.encoder_k.state_dict().items()}
+    query = model.encoder_q.state_dict()
+    model._momentum_update_key_encoder()
+    tool.MoCo._momentum_update_key_encoder(model)  # then ours, from the baseline's result
+    for key, value in model.encoder_k.state_dict().items():
+        once = reference[key] * 0.9 + query[key] * (1.0 - 0.9)
+        assert torch.equal(value, once * 0.9 + query[key] * (1.0 - 0.9))
+
+
+def test_invalid_counts_raise(tool):
+    with pytest.raises(ValueError, match=r"need --steps >= 2 \(step ends are timed\)"):
+        tool.main(["--steps", "1"])

@@ -1,0 +1,84 @@
+"""The SLURM launcher: environment mapping, requeue on preemption, and a real (debug) submission."""
+
+from __future__ import annotations
+
+import pytest
+
+from moco_pretrain import slurm
+from moco_pretrain.checkpoint import load_checkpoint
+from moco_pretrain.cli import pretrain as pretrain_cli
+
+from .test_training import tiny_cfg
+
+submitit = pytest.importorskip("submitit", reason="the SLURM launcher needs the [slurm] extra")
+
+
+def test_torchrun_environment_for_a_task():
+    env = slurm.torchrun_environment(
+        global_rank=9, local_rank=1, world_size=16, master_addr="node-a", master_port=29500
+    )
+    assert env == {
+        "RANK": "9", "LOCAL_RANK": "1", "WORLD_SIZE": "16", "MASTER_ADDR": "node-a",
+        "MASTER_PORT": "29500",
+    }  # fmt: skip
+    assert slurm.master_port_for("123456") == slurm.master_port_for("123456")
+    assert 20000 <= slurm.master_port_for("987654_3") < 40000
+
+
+def test_preempted_job_requeues_itself_with_the_same_arguments():
+    job = slurm.PretrainJob(["--config-file", "pretrain/moco_v2_800ep.yaml", "DATA.ROOT", "/data"])
+    resubmission = job.checkpoint()
+    assert isinstance(resubmission, submitit.helpers.DelayedSubmission)
+    assert isinstance(resubmission.function, slurm.PretrainJob)
+    assert resubmission.function.argv == job.argv
+
+
+def test_debug_submission_trains_and_requeue_resumes(tiny_imagefolder, tmp_path, monkeypatch):
+    """A job submitted through submitit trains; a second submission continues from its checkpoint."""
+    cfg = tiny_cfg(tiny_imagefolder, tmp_path / "out", "SOLVER.EPOCHS", "1")
+    base = ["OUTPUT_DIR", cfg.OUTPUT_DIR, "DATA.ROOT", cfg.DATA.ROOT, "SOLVER.EPOCHS", "1"]
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(cfg.dump())
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(slurm, "torchrun_environment", lambda **kw: {})  # one process, no group
+    argv = ["--config-file", str(recipe), *base]
+    slurm.submit(
+        argv,
+        job_dir=str(tmp_path / "jobs"),
+        nodes=1,
+        gpus_per_node=1,
+        timeout_min=5,
+        cluster="debug",
+    ).result()
+    assert load_checkpoint(tmp_path / "out" / "checkpoint_0000.pth.tar")["epoch"] == 1
+
+    argv = ["--config-file", str(recipe), *base[:-1], "2"]  # resubmitted with a longer schedule
+    slurm.submit(
+        argv,
+        job_dir=str(tmp_path / "jobs"),
+        nodes=1,
+        gpus_per_node=1,
+        timeout_min=5,
+        cluster="debug",
+    ).result()
+    assert load_checkpoint(tmp_path / "out" / "checkpoint_0001.pth.tar")["epoch"] == 2
+
+
+def test_submit_cli_forwards_pretraining_arguments(monkeypatch):
+    from moco_pretrain.cli import submit as submit_cli
+
+    calls = {}
+    monkeypatch.setattr(
+        submit_cli, "submit", lambda argv, **kw: calls.update(argv=argv, **kw) or _Job()
+    )
+    submit_cli.main(
+        ["--nodes", "2", "--config-file", "pretrain/moco_v2_200ep.yaml", "DATA.ROOT", "/d"]
+    )
+    assert calls["argv"] == ["--config-file", "pretrain/moco_v2_200ep.yaml", "DATA.ROOT", "/d"]
+    assert calls["nodes"] == 2 and calls["gpus_per_node"] == 8
+    assert pretrain_cli.get_parser().parse_args(calls["argv"]).opts == ["DATA.ROOT", "/d"]
+
+
+class _Job:
+    job_id = "42"

@@ -1,0 +1,195 @@
+"""End-to-end pretraining on a tiny ImageFolder: learning, exact resume, checkpoints, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from moco_pretrain.checkpoint import Checkpointer, atomic_save, load_checkpoint
+from moco_pretrain.config import config_root, setup_cfg
+from moco_pretrain.engine import NonFiniteLossError, Trainer
+from moco_pretrain.pretrain import run_pretraining
+
+from .conftest import write_image_folder
+
+
+def tiny_cfg(data_root: Path, output_dir: Path, *extra: str):
+    return setup_cfg(
+        None,
+        [
+            "OUTPUT_DIR", str(output_dir), "DATA.ROOT", str(data_root), "DATA.IMAGE_SIZE", "16",
+            "DATA.NUM_WORKERS", "0", "DATA.AUG", "v2", "MODEL.ARCH", "resnet18",
+            "MODEL.SMALL_STEM", "True", "MODEL.DIM", "16", "MODEL.K", "32", "MODEL.M", "0.9",
+            "MODEL.T", "0.2", "MODEL.MLP", "True", "MODEL.BN_SPLITS", "2", "SOLVER.BATCH_SIZE", "8",
+            "SOLVER.EPOCHS", "2", "SOLVER.LR_SCHEDULE", "cos", "TRAIN.LOG_PERIOD", "2",
+            *extra,
+        ],
+    )  # fmt: skip
+
+
+def test_training_lowers_the_loss(tiny_imagefolder, tmp_path):
+    """SGD steps lower the InfoNCE loss below that of the same run with a zero learning rate.
+
+    The raw loss of a young MoCo run rises while the queue fills with real keys, so the baseline
+    is the identical run (data order, augmentations, queue) whose weights never move.
+    """
+    options = ("SOLVER.EPOCHS", "6", "MODEL.K", "16", "MODEL.M", "0.99")
+    trained = run_pretraining(
+        tiny_cfg(tiny_imagefolder, tmp_path / "a", *options, "SOLVER.BASE_LR", "0.96")
+    )
+    frozen = run_pretraining(
+        tiny_cfg(tiny_imagefolder, tmp_path / "b", *options, "SOLVER.BASE_LR", "0.0")
+    )
+    late = slice(3, 6)
+    mean = lambda summary, key: sum(e[key] for e in summary["epochs"][late]) / 3  # noqa: E731
+    assert mean(trained, "loss") < mean(frozen, "loss") - 0.05
+    assert mean(trained, "acc1") > mean(frozen, "acc1")
+
+
+def test_checkpoint_has_the_official_layout(tiny_imagefolder, tmp_path):
+    summary = run_pretraining(tiny_cfg(tiny_imagefolder, tmp_path, "SOLVER.EPOCHS", "1"))
+    checkpoint = load_checkpoint(summary["checkpoint"])
+    assert Path(summary["checkpoint"]).name == "checkpoint_0000.pth.tar"
+    assert checkpoint["epoch"] == 1 and checkpoint["arch"] == "resnet18"
+    keys = set(checkpoint["state_dict"])
+    assert {"module.queue", "module.queue_ptr", "module.encoder_q.fc.0.weight"} <= keys
+    assert all(
+        k.startswith(("module.encoder_q.", "module.encoder_k.", "module.queue")) for k in keys
+    )
+    assert {"optimizer", "scaler", "config", "rng"} <= set(checkpoint)
+    assert (tmp_path / "config.yaml").read_text() == checkpoint["config"]
+    assert (
+        json.loads((tmp_path / "summary.json").read_text())["checkpoint"] == summary["checkpoint"]
+    )
+
+
+def test_killed_run_resumes_exactly(tiny_imagefolder, tmp_path, monkeypatch):
+    """A run stopped after epoch 1 and resumed gives the uninterrupted run's epoch-2 loss."""
+    uninterrupted = run_pretraining(tiny_cfg(tiny_imagefolder, tmp_path / "a"))
+
+    original = Trainer.train_one_epoch
+
+    def crash_in_second_epoch(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt("killed")
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_one_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretraining(tiny_cfg(tiny_imagefolder, tmp_path / "b"))
+    monkeypatch.setattr(Trainer, "train_one_epoch", original)
+    resumed = run_pretraining(tiny_cfg(tiny_imagefolder, tmp_path / "b"))  # auto-resume
+
+    assert [e["epoch"] for e in resumed["epochs"]] == [2]
+    assert resumed["epochs"][0]["loss"] == uninterrupted["epochs"][1]["loss"]
+    final_a = load_checkpoint(uninterrupted["checkpoint"])["state_dict"]
+    final_b = load_checkpoint(resumed["checkpoint"])["state_dict"]
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)  # queue and pointer too
+
+
+def test_official_checkpoint_layout_resumes(tiny_imagefolder, tmp_path):
+    """A checkpoint with only the official keys (epoch, arch, state_dict, optimizer) resumes."""
+    first = run_pretraining(tiny_cfg(tiny_imagefolder, tmp_path / "a", "SOLVER.EPOCHS", "1"))
+    full = load_checkpoint(first["checkpoint"])
+    official = tmp_path / "official.pth.tar"
+    torch.save({k: full[k] for k in ("epoch", "arch", "state_dict", "optimizer")}, official)
+    resumed = run_pretraining(tiny_cfg(tiny_imagefolder, tmp_path / "b"), resume=str(official))
+    assert [e["epoch"] for e in resumed["epochs"]] == [2]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_imagefolder, tmp_path):
+    cfg = tiny_cfg(tiny_imagefolder, tmp_path, "SOLVER.EPOCHS", "1")
+    good = run_pretraining(cfg)["checkpoint"]
+    before = Path(good).read_bytes()
+    diverging = tiny_cfg(tiny_imagefolder, tmp_path, "SOLVER.EPOCHS", "2", "SOLVER.BASE_LR", "1e30")
+    with pytest.raises(
+        NonFiniteLossError, match=r"epoch 2, iteration \d+ .*checkpoint_0000.pth.tar"
+    ):
+        run_pretraining(diverging)
+    assert Path(good).read_bytes() == before
+    assert not (tmp_path / "checkpoint_0001.pth.tar").exists()
+
+
+def test_atomic_save_never_leaves_a_torn_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint_0000.pth.tar"
+    atomic_save({"epoch": 1}, path)
+
+    def dies_midway(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_checkpointer_keeps_the_last_n(tmp_path):
+    checkpointer = Checkpointer(tmp_path, keep_last=2)
+    for epoch in range(4):
+        checkpointer.save({"epoch": epoch + 1}, epoch=epoch)
+    assert sorted(p.name for p in tmp_path.glob("*.pth.tar")) == [
+        "checkpoint_0002.pth.tar",
+        "checkpoint_0003.pth.tar",
+    ]
+    assert checkpointer.last_checkpoint() == tmp_path / "checkpoint_0003.pth.tar"
+
+
+def test_code_running_pickles_are_refused(tmp_path):
+    path = tmp_path / "evil.pth.tar"
+    torch.save({"epoch": 1, "payload": shutil.rmtree}, path)  # a global: needs a full unpickle
+    with pytest.raises(ValueError, match="evil.pth.tar .*could run code"):
+        load_checkpoint(path)
+    garbage = tmp_path / "garbage.pth.tar"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pth.tar is not a readable"):
+        load_checkpoint(garbage)
+
+
+def test_missing_and_empty_data_folders_fail_before_training(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"image folder .*nowhere.*train does not exist"):
+        run_pretraining(tiny_cfg(tmp_path / "nowhere", tmp_path / "out"))
+    (tmp_path / "empty" / "train" / "class_0").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"image folder .*empty.*train holds no images"):
+        run_pretraining(tiny_cfg(tmp_path / "empty", tmp_path / "out"))
+    assert not list((tmp_path / "out").glob("*.pth.tar"))
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    root = write_image_folder(tmp_path / "data", splits=("train",), per_class=8)
+    (root / "train" / "class_0" / "broken.png").write_bytes(b"\x89PNG truncated")
+    with pytest.warns(UserWarning, match="skipping unreadable image .*broken.png"):
+        summary = run_pretraining(tiny_cfg(root, tmp_path / "out", "SOLVER.EPOCHS", "1"))
+    assert summary["skipped_images"] >= 1
+    assert summary["checkpoint"]
+
+
+def test_batch_that_does_not_split_is_a_clear_error(tiny_imagefolder, tmp_path):
+    with pytest.raises(ValueError, match="not divisible by MODEL.BN_SPLITS=3"):
+        run_pretraining(tiny_cfg(tiny_imagefolder, tmp_path, "MODEL.BN_SPLITS", "3"))
+
+
+def test_bad_config_key_and_value_name_the_culprit(tmp_path):
+    with pytest.raises(ValueError, match="command line.*MODEL.QUEUE"):
+        setup_cfg(None, ["MODEL.QUEUE", "4096"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("SOLVER:\n  EPOCS: 3\n")
+    with pytest.raises(ValueError, match=r"bad.yaml.*EPOCS"):
+        setup_cfg(str(bad))
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        setup_cfg("missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    sorted(str(p.relative_to(config_root())) for p in config_root().glob("pretrain/*.yaml")),
+)
+def test_every_pretraining_recipe_loads(recipe):
+    cfg = setup_cfg(recipe)
+    assert cfg.SOLVER.EPOCHS > 0 and cfg.MODEL.K >= cfg.SOLVER.BATCH_SIZE

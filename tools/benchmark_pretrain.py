@@ -1,0 +1,436 @@
+#!/usr/bin/env python
+"""Pretraining throughput, step-time split and peak memory: ours vs the official recipe.
+
+Both variants train the same model on the same batches with the project's engine
+(:class:`moco_pretrain.engine.Trainer` driving :func:`moco_pretrain.pretrain.contrastive_step`),
+alternating in rounds so that a noisy machine slows both alike:
+
+* ``ours``: :func:`moco_pretrain.pretrain.build_moco` as ``run_pretraining`` sets it up (CUDA:
+  ``TRAIN.AMP_DTYPE`` autocast, ``TRAIN.CHANNELS_LAST``, fused SGD; CPU: fp32, foreach SGD;
+  ``TRAIN.COMPILE``), vectorised momentum update, host syncs only every ``TRAIN.LOG_PERIOD``;
+* ``baseline``: what the official ``main_moco.py`` does: fp32, a Python loop over parameters for
+  the momentum update, no channels-last, the single-tensor SGD of its time, and a host sync
+  every iteration (its ``loss.item()``).
+
+Modes: ``model`` feeds one synthetic batch already on the device; ``e2e`` decodes and augments
+``DATA.TRAIN_SPLIT`` of the config's dataset with the CPU recipe (the baseline always does), or
+for ours with ``--aug device``: workers only decode, :mod:`moco_pretrain.gpu_augment` augments.
+
+Timing: images/s is the steady state, from the time between consecutive optimizer-step ends (CUDA
+events, so no extra host syncs), median over ``--rounds``; the ratio ours/baseline is the median
+of the per-round ratios, each from two runs back to back. A separate instrumented pass (a device
+sync around every part) gives the split in ms per step. Peak memory covers building the variant
+and its ``--warmup`` steps. On a shared CPU, ``--threads 1`` gives the steadiest figures.
+
+Example (the README's CPU figures)::
+
+    python tools/benchmark_pretrain.py --device cpu --threads 1 --steps 4 --warmup 2 --rounds 8 \
+        --json out.json MODEL.ARCH resnet18 DATA.IMAGE_SIZE 64 SOLVER.BATCH_SIZE 32 MODEL.K 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from fvcore.common.config import CfgNode
+from torch.utils.data import DataLoader
+
+from moco_pretrain.builder import MoCo
+from moco_pretrain.checkpoint import Checkpointer
+from moco_pretrain.config import setup_cfg
+from moco_pretrain.data import build_dataset
+from moco_pretrain.engine import Trainer
+from moco_pretrain.gpu_augment import (
+    DecodeResize,
+    GpuMocoAugment,
+    build_device_augment,
+    default_pre_size,
+    device_augment_step,
+)
+from moco_pretrain.models import build_resnet
+from moco_pretrain.pretrain import AMP_DTYPES, build_moco, build_pretrain_loader, contrastive_step
+from moco_pretrain.schedules import scaled_lr
+
+PARTS = (
+    "data", "augment", "query_fwd_bwd", "key_fwd", "momentum_update", "shuffle", "queue",
+    "optimizer", "other",
+)  # fmt: skip
+
+
+class OfficialMoCo(MoCo):
+    """The official momentum update: one Python iteration and two new tensors per parameter."""
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self) -> None:
+        for param_q, param_k in zip(
+            self.encoder_q.parameters(), self.encoder_k.parameters(), strict=True
+        ):
+            param_k.data = param_k.data * self.m + param_q.data * (1.0 - self.m)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, float | None]]:
+    """Peak memory (MiB) allocated inside the block on top of what existed before it.
+
+    CUDA: the caching allocator's peak. CPU (Linux): the process's resident-set high-water mark,
+    reset through ``/proc/self/clear_refs``; includes allocator caching, so it is approximate.
+    """
+    result: dict[str, float | None] = {"mib": None}
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield result
+        sync(device)
+        result["mib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current VmRSS
+        before = _status_kib("VmRSS")
+        yield result
+        result["mib"] = (_status_kib("VmHWM") - before) / 1024
+    else:
+        yield result
+
+
+class StepClock:
+    """Marks the end of every optimizer step without a host sync (CUDA events on CUDA)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        self.device = device
+        self.marks: list[Any] = []
+        self.handle = optimizer.register_step_post_hook(self._mark)
+
+    def _mark(self, *_: Any) -> None:
+        if self.device.type == "cuda":
+            self.marks.append(torch.cuda.Event(enable_timing=True))
+            self.marks[-1].record()
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds_per_step(self) -> float:
+        """Mean time between consecutive step ends: the steady state, without the first step's
+        wait for the loader to start (which a long run amortises)."""
+        self.handle.remove()
+        first, last = self.marks[0], self.marks[-1]
+        if self.device.type == "cuda":
+            sync(self.device)
+            return first.elapsed_time(last) / 1000 / (len(self.marks) - 1)
+        return (last - first) / (len(self.marks) - 1)
+
+
+class StepProfiler:
+    """Accumulates synchronised wall time per :data:`PARTS` entry over a trainer's steps."""
+
+    def __init__(self, trainer: Trainer, augment: GpuMocoAugment | None, device: torch.device):
+        self.trainer, self.device = trainer, device
+        self.totals: dict[str, float] = defaultdict(float)
+        self.steps = 0
+        self._open: dict[str, float] = {}
+        self._handles: list[Any] = []
+        model: MoCo = trainer.model
+        for part, module in {"query_fwd_bwd": model.encoder_q, "key_fwd": model.encoder_k}.items():
+            self._handles.append(module.register_forward_pre_hook(self._start(part)))
+            self._handles.append(module.register_forward_hook(self._stop(part)))
+        methods = {
+            "_momentum_update_key_encoder": "momentum_update",
+            "_batch_shuffle": "shuffle",
+            "_batch_unshuffle": "shuffle",
+            "_dequeue_and_enqueue": "queue",
+        }
+        # Instance attributes shadow the methods for this run only (removed in run()).
+        self._patched = [(model, name, part) for name, part in methods.items()]
+        if augment is not None:
+            self._patched.append((augment, "two_crops", "augment"))
+        for owner, name, part in self._patched:
+            setattr(owner, name, self._timed(getattr(owner, name), part))
+        self._handles.append(trainer.optimizer.register_step_pre_hook(self._before_optimizer))
+        self._handles.append(trainer.optimizer.register_step_post_hook(self._after_optimizer))
+        self._step_fn = trainer.step_fn
+        trainer.step_fn = self._timed_step
+
+    def now(self) -> float:
+        sync(self.device)
+        return time.perf_counter()
+
+    def _start(self, part: str) -> Callable[..., None]:
+        return lambda *_: self._open.__setitem__(part, self.now())
+
+    def _stop(self, part: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            self.totals[part] += self.now() - self._open.pop(part)
+
+        return hook
+
+    def _timed(self, fn: Callable[..., Any], part: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._start(part)()
+            out = fn(*args, **kwargs)
+            self._stop(part)()
+            return out
+
+        return timed
+
+    def _timed_step(self, batch: Any) -> Any:
+        self.totals["data"] += self.now() - self._step_end  # loader + host-to-device copy
+        out = self._step_fn(batch)
+        self._forward_end = self.now()
+        return out
+
+    def _before_optimizer(self, *_: Any) -> None:
+        self._optimizer_start = self.now()  # backward (and zero_grad) since the forward's end
+        self.totals["query_fwd_bwd"] += self._optimizer_start - self._forward_end
+
+    def _after_optimizer(self, *_: Any) -> None:
+        end = self.now()
+        self.totals["optimizer"] += end - self._optimizer_start
+        self.totals["step"] += end - self._step_end
+        self._step_end = end
+        self.steps += 1
+
+    def run(self, epoch: int) -> dict[str, float]:
+        """One instrumented epoch; returns ms per step for every part, ``other`` the remainder."""
+        self._step_end = self.now()
+        quiet_epoch(self.trainer, epoch)
+        for handle in self._handles:
+            handle.remove()
+        for owner, name, _ in self._patched:
+            delattr(owner, name)
+        self.trainer.step_fn = self._step_fn
+        per_step = {k: 1000 * v / max(self.steps, 1) for k, v in self.totals.items()}
+        per_step["other"] = per_step["step"] - sum(per_step.get(p, 0.0) for p in PARTS)
+        return {p: round(per_step.get(p, 0.0), 3) for p in (*PARTS, "step")}
+
+
+def quiet_epoch(trainer: Trainer, epoch: int) -> None:
+    with contextlib.redirect_stdout(io.StringIO()):  # the engine's progress bar
+        trainer.train_one_epoch(epoch)
+
+
+def build_trainer(cfg: CfgNode, *, official: bool, loader, augment, device) -> Trainer:
+    """``run_pretraining``'s model/optimizer set-up (ours) or the official one (baseline)."""
+    if official:
+        encoder = functools.partial(build_resnet, cfg.MODEL.ARCH, small_stem=cfg.MODEL.SMALL_STEM)
+        model = OfficialMoCo(
+            encoder, cfg.MODEL.DIM, cfg.MODEL.K, cfg.MODEL.M, cfg.MODEL.T, cfg.MODEL.MLP,
+            bn_splits=cfg.MODEL.BN_SPLITS,
+        ).to(device)  # fmt: skip
+    else:
+        model = build_moco(cfg).to(device)
+    use_cuda = device.type == "cuda"
+    channels_last = use_cuda and cfg.TRAIN.CHANNELS_LAST and not official
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.TRAIN.COMPILE and not official:
+        model.encoder_q.compile()
+        model.encoder_k.compile()
+    impl = {"foreach": False} if official else {"fused": True} if use_cuda else {"foreach": True}
+    optimizer = torch.optim.SGD(
+        model.parameters(), scaled_lr(cfg.SOLVER.BASE_LR, cfg.SOLVER.BATCH_SIZE),
+        momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY, **impl,
+    )  # fmt: skip
+    step_fn = functools.partial(contrastive_step, model)
+    if augment is not None:
+        step_fn = device_augment_step(step_fn, augment)
+    return Trainer(
+        model=model,
+        optimizer=optimizer,
+        loader=loader,
+        step_fn=step_fn,
+        lr_at_epoch=lambda epoch: optimizer.defaults["lr"],
+        epochs=1,
+        checkpointer=Checkpointer(tempfile.gettempdir()),  # never called: no train()
+        arch=cfg.MODEL.ARCH,
+        device=device,
+        amp_dtype=None if official else AMP_DTYPES[cfg.TRAIN.AMP_DTYPE],
+        channels_last=channels_last,
+        log_period=1 if official else cfg.TRAIN.LOG_PERIOD,
+    )
+
+
+def build_loaders(cfg: CfgNode, args: argparse.Namespace, device: torch.device):
+    """(ours' loader, the baseline's loader, ours' device augmentation or None)."""
+    n, size = cfg.SOLVER.BATCH_SIZE, cfg.DATA.IMAGE_SIZE
+    if args.mode == "model":
+        views = [torch.randn(n, 3, size, size, device=device) for _ in range(2)]
+        batch = (views, torch.zeros(n, dtype=torch.long, device=device))
+        return [batch] * args.steps, [batch] * args.steps, None
+    cpu_loader = build_pretrain_loader(cfg)
+    if args.aug == "cpu":
+        return cpu_loader, cpu_loader, None
+    pre_size = args.pre_size or default_pre_size(size)
+    dataset = build_dataset(
+        cfg, split=cfg.DATA.TRAIN_SPLIT, transform=DecodeResize(pre_size=pre_size)
+    )
+    workers = cfg.DATA.NUM_WORKERS
+    loader = DataLoader(
+        dataset, batch_size=n, shuffle=True, num_workers=workers, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+    )  # fmt: skip
+    augment = build_device_augment(cfg).to(device)
+    return loader, cpu_loader, augment
+
+
+def benchmark(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True  # as the official main_moco.py
+    torch.manual_seed(cfg.SEED)
+    ours_loader, base_loader, augment = build_loaders(cfg, args, device)
+    specs = {"ours": (False, ours_loader, augment), "baseline": (True, base_loader, None)}
+    trainers, results = {}, {}
+    for name, (official, loader, aug) in specs.items():
+        with peak_memory(device) as peak:  # build + warm-up steps (optimizer state included)
+            trainers[name] = build_trainer(
+                cfg, official=official, loader=loader, augment=aug, device=device
+            )
+            trainers[name].max_iters_per_epoch = args.warmup
+            quiet_epoch(trainers[name], 0)
+        results[name] = {"peak_memory_mib": peak["mib"], "step_seconds_per_round": []}
+    for round_index in range(args.rounds):  # alternate, so machine noise hits both alike
+        order = list(trainers.items())
+        for name, trainer in order if round_index % 2 == 0 else reversed(order):
+            trainer.max_iters_per_epoch = args.steps
+            clock = StepClock(trainer.optimizer, device)
+            quiet_epoch(trainer, round_index + 1)
+            results[name]["step_seconds_per_round"].append(clock.seconds_per_step())
+    for name, trainer in trainers.items():
+        seconds = statistics.median(results[name]["step_seconds_per_round"])
+        results[name]["images_per_s"] = cfg.SOLVER.BATCH_SIZE / seconds
+        results[name]["step_ms"] = 1000 * seconds
+        profiler = StepProfiler(trainer, augment if name == "ours" else None, device)
+        results[name]["split_ms"] = profiler.run(args.rounds + 1)
+    ours, base = results["ours"], results["baseline"]
+    memory_ratio = (
+        ours["peak_memory_mib"] / base["peak_memory_mib"]
+        if ours["peak_memory_mib"] and base["peak_memory_mib"]
+        else None
+    )
+    # Paired per round (ours and the baseline ran back to back): robust to slow drifts in load.
+    paired = [
+        b / o
+        for o, b in zip(ours["step_seconds_per_round"], base["step_seconds_per_round"], strict=True)
+    ]
+    return {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "machine": machine(device),
+        "config": {
+            "mode": args.mode,
+            "aug": args.aug if args.mode == "e2e" else None,
+            "arch": cfg.MODEL.ARCH,
+            "image_size": cfg.DATA.IMAGE_SIZE,
+            "batch_size": cfg.SOLVER.BATCH_SIZE,
+            "K": cfg.MODEL.K,
+            "mlp": cfg.MODEL.MLP,
+            "bn_splits": cfg.MODEL.BN_SPLITS,
+            "amp_dtype": cfg.TRAIN.AMP_DTYPE if device.type == "cuda" else "",
+            "channels_last": device.type == "cuda" and cfg.TRAIN.CHANNELS_LAST,
+            "compile": cfg.TRAIN.COMPILE,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "num_workers": cfg.DATA.NUM_WORKERS,
+        },  # fmt: skip
+        "ours": ours,
+        "baseline": base,
+        "ratio": {
+            "images_per_s": statistics.median(paired),
+            "images_per_s_per_round": paired,
+            "peak_memory": memory_ratio,
+        },
+    }
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    return {
+        "device": device.type,
+        "name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }  # fmt: skip
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def format_table(report: dict[str, Any]) -> str:
+    header = f"{'variant':<9} {'img/s':>8} {'ms/step':>8} {'peak MiB':>9}  " + " ".join(
+        f"{p:>9.9}" for p in PARTS
+    )
+    lines = [header]
+    for name in ("ours", "baseline"):
+        r = report[name]
+        peak = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] is not None else "n/a"
+        split = " ".join(f"{r['split_ms'][p]:>9.2f}" for p in PARTS)
+        lines.append(f"{name:<9} {r['images_per_s']:>8.1f} {r['step_ms']:>8.1f} {peak:>9}  {split}")
+    ratio = report["ratio"]
+    memory = f"{ratio['peak_memory']:.2f}x" if ratio["peak_memory"] is not None else "n/a"
+    rounds = ", ".join(f"{r:.2f}" for r in ratio["images_per_s_per_round"])
+    lines.append(
+        f"ours/baseline: {ratio['images_per_s']:.2f}x images/s (median of rounds: {rounds}), "
+        f"{memory} peak memory"
+    )
+    return "\n".join(lines)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", default="", help="pretraining config (default: defaults)")
+    parser.add_argument("--mode", choices=("model", "e2e"), default="model")
+    parser.add_argument("--aug", choices=("cpu", "device"), default="cpu", help="e2e: ours' aug")
+    parser.add_argument("--pre-size", type=int, default=0, help="device aug decode size (0: 1.5x)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=20, help="steps per round (>= 2)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (memory measured)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; median kept")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--json", default="", help="also write the report here")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = get_parser().parse_args(argv)
+    if args.steps < 2 or min(args.warmup, args.rounds) < 1:
+        raise ValueError("need --steps >= 2 (step ends are timed) and --warmup, --rounds >= 1")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    cfg = setup_cfg(args.config_file or None, args.opts)
+    report = benchmark(cfg, args)
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()
