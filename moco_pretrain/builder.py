@@ -116,10 +116,10 @@ class MoCo(nn.Module):
         batch_size = keys.shape[0]
         if batch_size > self.K:
             raise ValueError(f"global batch of {batch_size} keys exceeds the queue size K={self.K}")
-        ptr = int(self.queue_ptr)
-        slots = torch.arange(ptr, ptr + batch_size, device=self.queue.device) % self.K  # N
-        self.queue[:, slots] = keys.T.to(self.queue.dtype)
-        self.queue_ptr[0] = (ptr + batch_size) % self.K
+        # On the device, without reading the pointer back to the host (no sync per step).
+        slots = (self.queue_ptr + torch.arange(batch_size, device=self.queue.device)) % self.K  # N
+        self.queue.index_copy_(1, slots, keys.T.to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + batch_size) % self.K)
 
     @torch.no_grad()
     def _batch_shuffle(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,6 +39,11 @@ _C.DATA.IMAGE_SIZE = 224  # crop size fed to the network
 _C.DATA.AUG = "v1"  # "v1" (InstDisc augmentation) | "v2" (aug+: jitter p=0.8, blur p=0.5)
 _C.DATA.CROP_MIN_SCALE = 0.2  # RandomResizedCrop scale=(CROP_MIN_SCALE, 1)
 _C.DATA.BLUR = True  # v2 only: Gaussian blur (sigma 0.1-2, p=0.5); off for tiny images
+# Augment on the training device (moco_pretrain.gpu_augment, same recipe and DATA.* keys): loader
+# workers only decode and resize to DEVICE_AUG_PRE_SIZE (0: 1.5 x IMAGE_SIZE). For fast GPUs
+# that the CPU cores cannot feed.
+_C.DATA.DEVICE_AUG = False
+_C.DATA.DEVICE_AUG_PRE_SIZE = 0
 _C.DATA.MEAN = [0.485, 0.456, 0.406]
 _C.DATA.STD = [0.229, 0.224, 0.225]
 _C.DATA.NUM_WORKERS = 8  # per process

@@ -219,9 +219,8 @@ class Trainer:
         epoch_sums: dict[str, torch.Tensor] = {}
         window_sums: dict[str, torch.Tensor] = {}
         window_start, window_images, window_iters = time.perf_counter(), 0, 0
-        for it, batch in enumerate(self.loader):
-            if it >= num_iters:
-                break
+        # range first: zip stops before fetching a batch that would not be used.
+        for it, batch in zip(range(num_iters), self.loader, strict=False):
             batch = move_to_device(batch, self.device, channels_last=self.channels_last)
             with torch.autocast(
                 self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from .distributed import (
     seed_all,
 )
 from .engine import AMP_DTYPES, Trainer, logger, setup_logging
+from .gpu_augment import DecodeResize, build_device_augment, default_pre_size, device_augment_step
 from .knn import knn_evaluate
 from .models import build_backbone, build_resnet
 from .schedules import lr_at_epoch, scaled_lr
@@ -52,9 +54,14 @@ def build_moco(cfg: CfgNode) -> MoCo:
 
 
 def build_pretrain_loader(cfg: CfgNode) -> DataLoader:
-    dataset = build_dataset(
-        cfg, split=cfg.DATA.TRAIN_SPLIT, transform=build_pretrain_transform(cfg)
-    )
+    """Two augmented views per image, or with ``DATA.DEVICE_AUG`` decoded images to augment later."""
+    if cfg.DATA.DEVICE_AUG:
+        transform = DecodeResize(
+            pre_size=cfg.DATA.DEVICE_AUG_PRE_SIZE or default_pre_size(cfg.DATA.IMAGE_SIZE)
+        )
+    else:
+        transform = build_pretrain_transform(cfg)
+    dataset = build_dataset(cfg, split=cfg.DATA.TRAIN_SPLIT, transform=transform)
     dataset = limit_samples(dataset, cfg.DATA.MAX_SAMPLES)
     batch_size = per_process_batch_size(cfg.SOLVER.BATCH_SIZE)
     if get_world_size() == 1 and batch_size % cfg.MODEL.BN_SPLITS:
@@ -79,6 +86,36 @@ def contrastive_step(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[s
     loss = F.cross_entropy(logits, labels)
     acc1 = (logits.argmax(dim=1) == labels).float().mean() * 100
     return loss, {"acc1": acc1}
+
+
+def prepare_model(cfg: CfgNode, model: MoCo, device: torch.device) -> MoCo:
+    """Channels-last memory on CUDA and ``torch.compile`` of the encoders, as configured."""
+    if device.type == "cuda" and cfg.TRAIN.CHANNELS_LAST:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.TRAIN.COMPILE:
+        model.encoder_q.compile()  # in place: state-dict keys unchanged
+        model.encoder_k.compile()
+    return model
+
+
+def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.SGD:
+    """SGD at the linearly scaled lr, fused (one kernel over all parameters).
+
+    All parameters, as the official code: the key encoder's never get a gradient, so SGD skips
+    them, and the optimizer state keeps the official layout.
+    """
+    return torch.optim.SGD(
+        model.parameters(), scaled_lr(cfg.SOLVER.BASE_LR, cfg.SOLVER.BATCH_SIZE),
+        momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY, fused=True,
+    )  # fmt: skip
+
+
+def build_step_fn(cfg: CfgNode, model: nn.Module, device: torch.device) -> Callable:
+    """The contrastive step, behind the device augmentation when ``DATA.DEVICE_AUG`` is on."""
+    step_fn = functools.partial(contrastive_step, model)
+    if cfg.DATA.DEVICE_AUG:
+        step_fn = device_augment_step(step_fn, build_device_augment(cfg).to(device))
+    return step_fn
 
 
 def backbone_of(model: MoCo, cfg: CfgNode) -> nn.Module:
@@ -123,22 +160,13 @@ def run_pretraining(cfg: CfgNode, *, resume: str | None = None) -> dict[str, Any
         (output_dir / "config.yaml").write_text(cfg.dump())
     loader = build_pretrain_loader(cfg)  # fails early on a missing/empty data folder
 
-    model = build_moco(cfg).to(device)
-    use_cuda = device.type == "cuda"
-    if use_cuda and cfg.TRAIN.CHANNELS_LAST:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.TRAIN.COMPILE:
-        model.encoder_q.compile()
-        model.encoder_k.compile()
-    lr = scaled_lr(cfg.SOLVER.BASE_LR, cfg.SOLVER.BATCH_SIZE)
-    # All parameters, as the official code: the key encoder's never get a gradient, so SGD skips
-    # them, and the optimizer state keeps the official layout.
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr, momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-        **({"fused": True} if use_cuda else {"foreach": True}),
-    )  # fmt: skip
+    model = prepare_model(cfg, build_moco(cfg).to(device), device)
+    optimizer = build_optimizer(cfg, model)
+    lr = optimizer.defaults["lr"]
     train_model = (
-        nn.parallel.DistributedDataParallel(model, device_ids=[device] if use_cuda else None)
+        nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
         if get_world_size() > 1
         else model
     )
@@ -151,7 +179,7 @@ def run_pretraining(cfg: CfgNode, *, resume: str | None = None) -> dict[str, Any
         model=train_model,
         optimizer=optimizer,
         loader=loader,
-        step_fn=functools.partial(contrastive_step, train_model),
+        step_fn=build_step_fn(cfg, train_model, device),
         lr_at_epoch=functools.partial(
             lr_at_epoch,
             lr,
@@ -165,7 +193,7 @@ def run_pretraining(cfg: CfgNode, *, resume: str | None = None) -> dict[str, Any
         arch=cfg.MODEL.ARCH,
         device=device,
         amp_dtype=AMP_DTYPES[cfg.TRAIN.AMP_DTYPE],
-        channels_last=use_cuda and cfg.TRAIN.CHANNELS_LAST,
+        channels_last=device.type == "cuda" and cfg.TRAIN.CHANNELS_LAST,
         log_period=cfg.TRAIN.LOG_PERIOD,
         checkpoint_period=cfg.TRAIN.CHECKPOINT_PERIOD,
         max_iters_per_epoch=cfg.SOLVER.MAX_ITERS_PER_EPOCH,

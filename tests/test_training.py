@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -193,3 +194,11 @@ def test_bad_config_key_and_value_name_the_culprit(tmp_path):
 def test_every_pretraining_recipe_loads(recipe):
     cfg = setup_cfg(recipe)
     assert cfg.SOLVER.EPOCHS > 0 and cfg.MODEL.K >= cfg.SOLVER.BATCH_SIZE
+
+
+def test_device_augmentation_path_trains(tiny_imagefolder, tmp_path):
+    """DATA.DEVICE_AUG: workers only decode, the step augments on the training device."""
+    summary = run_pretraining(
+        tiny_cfg(tiny_imagefolder, tmp_path, "SOLVER.EPOCHS", "1", "DATA.DEVICE_AUG", "True")
+    )
+    assert summary["checkpoint"] and all(map(math.isfinite, summary["epochs"][0].values()))

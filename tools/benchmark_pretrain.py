@@ -47,22 +47,24 @@ from typing import Any
 
 import torch
 from fvcore.common.config import CfgNode
-from torch.utils.data import DataLoader
 
 from moco_pretrain.builder import MoCo
 from moco_pretrain.checkpoint import Checkpointer
 from moco_pretrain.config import setup_cfg
-from moco_pretrain.data import build_dataset
-from moco_pretrain.engine import Trainer
+from moco_pretrain.engine import AMP_DTYPES, Trainer
 from moco_pretrain.gpu_augment import (
-    DecodeResize,
     GpuMocoAugment,
     build_device_augment,
-    default_pre_size,
     device_augment_step,
 )
 from moco_pretrain.models import build_resnet
-from moco_pretrain.pretrain import AMP_DTYPES, build_moco, build_pretrain_loader, contrastive_step
+from moco_pretrain.pretrain import (
+    build_moco,
+    build_optimizer,
+    build_pretrain_loader,
+    contrastive_step,
+    prepare_model,
+)
 from moco_pretrain.schedules import scaled_lr
 
 PARTS = (
@@ -239,20 +241,14 @@ def build_trainer(cfg: CfgNode, *, official: bool, loader, augment, device) -> T
             encoder, cfg.MODEL.DIM, cfg.MODEL.K, cfg.MODEL.M, cfg.MODEL.T, cfg.MODEL.MLP,
             bn_splits=cfg.MODEL.BN_SPLITS,
         ).to(device)  # fmt: skip
+        optimizer = torch.optim.SGD(
+            model.parameters(), scaled_lr(cfg.SOLVER.BASE_LR, cfg.SOLVER.BATCH_SIZE),
+            momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY, foreach=False,
+        )  # fmt: skip
     else:
-        model = build_moco(cfg).to(device)
-    use_cuda = device.type == "cuda"
-    channels_last = use_cuda and cfg.TRAIN.CHANNELS_LAST and not official
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.TRAIN.COMPILE and not official:
-        model.encoder_q.compile()
-        model.encoder_k.compile()
-    impl = {"foreach": False} if official else {"fused": True} if use_cuda else {"foreach": True}
-    optimizer = torch.optim.SGD(
-        model.parameters(), scaled_lr(cfg.SOLVER.BASE_LR, cfg.SOLVER.BATCH_SIZE),
-        momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY, **impl,
-    )  # fmt: skip
+        model = prepare_model(cfg, build_moco(cfg).to(device), device)
+        optimizer = build_optimizer(cfg, model)
+    channels_last = device.type == "cuda" and cfg.TRAIN.CHANNELS_LAST and not official
     step_fn = functools.partial(contrastive_step, model)
     if augment is not None:
         step_fn = device_augment_step(step_fn, augment)
@@ -282,15 +278,11 @@ def build_loaders(cfg: CfgNode, args: argparse.Namespace, device: torch.device):
     cpu_loader = build_pretrain_loader(cfg)
     if args.aug == "cpu":
         return cpu_loader, cpu_loader, None
-    pre_size = args.pre_size or default_pre_size(size)
-    dataset = build_dataset(
-        cfg, split=cfg.DATA.TRAIN_SPLIT, transform=DecodeResize(pre_size=pre_size)
-    )
-    workers = cfg.DATA.NUM_WORKERS
-    loader = DataLoader(
-        dataset, batch_size=n, shuffle=True, num_workers=workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-    )  # fmt: skip
+    device_cfg = cfg.clone()
+    device_cfg.defrost()
+    device_cfg.DATA.DEVICE_AUG = True
+    device_cfg.DATA.DEVICE_AUG_PRE_SIZE = args.pre_size
+    loader = build_pretrain_loader(device_cfg)
     augment = build_device_augment(cfg).to(device)
     return loader, cpu_loader, augment
 
