@@ -186,8 +186,8 @@ class Trainer:
             if (epoch + 1) % self.checkpoint_period == 0 or epoch + 1 == self.epochs:
                 state = self.state(epoch)  # every rank takes part (RNG gather)
                 if is_main_process():
-                    self.last_saved = self.checkpointer.save(state, epoch=epoch)
-                    logger.info("saved %s", self.last_saved)
+                    logger.info("saved %s", self.checkpointer.save(state, epoch=epoch))
+                self.last_saved = self.checkpointer.path_for(epoch)  # on every rank
             for hook in hooks:
                 hook(epoch)
         if self.writer:

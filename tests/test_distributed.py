@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -83,3 +84,25 @@ def test_gather_shuffle_unshuffle_on_two_processes():
 @pytest.mark.ddp
 def test_full_ddp_training_step_on_two_processes():
     run_on_gloo(_ddp_training_step)
+
+
+def _pretrain_two_processes(rank: int, data_root: str, output_dir: str) -> None:
+    from moco_pretrain.checkpoint import load_checkpoint
+    from moco_pretrain.pretrain import run_pretraining
+
+    from .test_training import tiny_cfg
+
+    options = ("SOLVER.EPOCHS", "1", "MODEL.BN_SPLITS", "1", "MODEL.K", "24")
+    summary = run_pretraining(tiny_cfg(data_root, output_dir, *options))
+    dist.barrier()
+    checkpoint = load_checkpoint(summary["checkpoint"])
+    assert len(checkpoint["rng"]) == 2  # each rank's RNG state, for an exact resume
+    # 64 images, global batch 8 (4 per process): 8 iterations enqueue 64 keys into K=24 slots.
+    assert checkpoint["state_dict"]["module.queue_ptr"].tolist() == [64 % 24]
+
+
+@pytest.mark.ddp
+def test_pretraining_run_on_two_processes(tiny_imagefolder, tmp_path):
+    """The whole engine under torchrun-like env://: DDP, sharded sampler, one checkpoint writer."""
+    run_on_gloo(_pretrain_two_processes, str(tiny_imagefolder), str(tmp_path))
+    assert sorted(p.name for p in tmp_path.glob("*.pth.tar")) == ["checkpoint_0000.pth.tar"]
