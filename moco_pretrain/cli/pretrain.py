@@ -29,12 +29,15 @@ def get_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def print_summary(summary: dict, *, output_dir: str) -> None:
+def print_summary(summary: dict, *, output_dir: str, queue_size: int) -> None:
     """What a newcomer wants to know at the end of a run, and what to run next."""
     last = summary["epochs"][-1] if summary["epochs"] else {}
     print(f"\ncheckpoint: {summary['checkpoint']}")
     if "acc1" in last:
-        print(f"instance discrimination (contrastive top-1, last epoch): {last['acc1']:.1f} %")
+        print(
+            f"instance discrimination (contrastive top-1 of 1+K, last epoch): {last['acc1']:.1f} %"
+            f" (chance {100 / (queue_size + 1):.3f} %)"
+        )
     if "knn_top1" in summary:
         print(
             f"kNN top-1 on the validation split: {summary['knn_top1']:.2f} % (MoCo)"
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = setup_cfg(args.config_file, args.opts)
     summary = run_pretraining(cfg, resume=args.resume or None)
     if is_main_process():
-        print_summary(summary, output_dir=cfg.OUTPUT_DIR)
+        print_summary(summary, output_dir=cfg.OUTPUT_DIR, queue_size=cfg.MODEL.K)
 
 
 if __name__ == "__main__":
