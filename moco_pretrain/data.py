@@ -12,6 +12,7 @@ import random
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,17 +106,20 @@ def eval_transform(*, size: int, mean: Sequence[float], std: Sequence[float]) ->
     )
 
 
+def augmentation_options(cfg: CfgNode) -> dict[str, Any]:
+    """The recipe's ``DATA.*`` keys as keyword arguments (CPU and device augmentation alike)."""
+    return {
+        "size": cfg.DATA.IMAGE_SIZE,
+        "recipe": cfg.DATA.AUG,
+        "mean": cfg.DATA.MEAN,
+        "std": cfg.DATA.STD,
+        "min_scale": cfg.DATA.CROP_MIN_SCALE,
+        "blur": cfg.DATA.BLUR,
+    }
+
+
 def build_pretrain_transform(cfg: CfgNode) -> TwoCropsTransform:
-    return TwoCropsTransform(
-        pretrain_transform(
-            size=cfg.DATA.IMAGE_SIZE,
-            recipe=cfg.DATA.AUG,
-            mean=cfg.DATA.MEAN,
-            std=cfg.DATA.STD,
-            min_scale=cfg.DATA.CROP_MIN_SCALE,
-            blur=cfg.DATA.BLUR,
-        )
-    )
+    return TwoCropsTransform(pretrain_transform(**augmentation_options(cfg)))
 
 
 def build_eval_transform(cfg: CfgNode) -> transforms.Compose:

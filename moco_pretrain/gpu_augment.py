@@ -44,6 +44,8 @@ from PIL import Image
 from torch import nn
 from torchvision.ops import roi_align
 
+from .data import augmentation_options
+
 # ITU-R 601-2 luma, the weights of torchvision's rgb_to_grayscale (and, /1000, of PIL's "L").
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -433,14 +435,7 @@ def default_pre_size(image_size: int) -> int:
 
 def build_device_augment(cfg: CfgNode) -> GpuMocoAugment:
     """The device twin of ``data.build_pretrain_transform(cfg)`` (same ``DATA.*`` keys)."""
-    return GpuMocoAugment(
-        size=cfg.DATA.IMAGE_SIZE,
-        recipe=cfg.DATA.AUG,
-        mean=cfg.DATA.MEAN,
-        std=cfg.DATA.STD,
-        min_scale=cfg.DATA.CROP_MIN_SCALE,
-        blur=cfg.DATA.BLUR,
-    )
+    return GpuMocoAugment(**augmentation_options(cfg))
 
 
 def device_augment_step(

@@ -42,27 +42,17 @@ def test_debug_submission_trains_and_requeue_resumes(tiny_imagefolder, tmp_path,
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(slurm, "torchrun_environment", lambda **kw: {})  # one process, no group
-    argv = ["--config-file", str(recipe), *base]
-    slurm.submit(
-        argv,
-        job_dir=str(tmp_path / "jobs"),
-        nodes=1,
-        gpus_per_node=1,
-        timeout_min=5,
-        cluster="debug",
-    ).result()
-    assert load_checkpoint(tmp_path / "out" / "checkpoint_0000.pth.tar")["epoch"] == 1
-
-    argv = ["--config-file", str(recipe), *base[:-1], "2"]  # resubmitted with a longer schedule
-    slurm.submit(
-        argv,
-        job_dir=str(tmp_path / "jobs"),
-        nodes=1,
-        gpus_per_node=1,
-        timeout_min=5,
-        cluster="debug",
-    ).result()
-    assert load_checkpoint(tmp_path / "out" / "checkpoint_0001.pth.tar")["epoch"] == 2
+    for epochs in (1, 2):  # the second submission continues from the first one's checkpoint
+        argv = ["--config-file", str(recipe), *base[:-1], str(epochs)]
+        job = slurm.submit(
+            argv, job_dir=str(tmp_path / "jobs"), nodes=1, gpus_per_node=1, timeout_min=5,
+            cluster="debug",
+        )  # fmt: skip
+        job.result()
+        checkpoint = load_checkpoint(tmp_path / "out" / f"checkpoint_{epochs - 1:04d}.pth.tar")
+        assert checkpoint["epoch"] == epochs
+    history = (tmp_path / "out" / "log.txt").read_text()
+    assert "resumed from" in history and "checkpoint_0000.pth.tar (epoch 1 done)" in history
 
 
 def test_submit_cli_forwards_pretraining_arguments(monkeypatch):

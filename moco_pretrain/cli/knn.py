@@ -13,6 +13,7 @@ from typing import Any
 
 from fvcore.common.config import CfgNode
 
+from moco_pretrain.cli.common import add_pretrained_arguments, config_parser
 from moco_pretrain.config import setup_cfg
 from moco_pretrain.distributed import init_distributed, is_main_process
 from moco_pretrain.engine import setup_logging
@@ -36,17 +37,8 @@ def run_knn(cfg: CfgNode, *, pretrained: str, prefix: str | None = None) -> dict
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--config-file",
-        default=DEMO_RECIPE,
-        help="recipe YAML: a path, or a name under configs/ (default: %(default)s)",
-    )
-    parser.add_argument("--pretrained", required=True, help="pretrained checkpoint (any layout)")
-    parser.add_argument("--prefix", default=None, help="backbone key prefix of other layouts")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    parser = config_parser(__doc__, default_recipe=DEMO_RECIPE)
+    add_pretrained_arguments(parser)
     return parser
 
 

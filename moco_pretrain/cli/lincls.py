@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from moco_pretrain.cli.common import add_pretrained_arguments, config_parser
 from moco_pretrain.config import setup_cfg
 from moco_pretrain.distributed import is_main_process
 from moco_pretrain.lincls import RESULTS_FILE, run_lincls
@@ -18,19 +19,10 @@ DEMO_RECIPE = "lincls/fashion_mnist_demo.yaml"
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--config-file",
-        default=DEMO_RECIPE,
-        help="recipe YAML: a path, or a name under configs/ (default: %(default)s)",
-    )
-    parser.add_argument("--pretrained", required=True, help="pretrained checkpoint (any layout)")
-    parser.add_argument("--prefix", default=None, help="backbone key prefix of other layouts")
+    parser = config_parser(__doc__, default_recipe=DEMO_RECIPE)
+    add_pretrained_arguments(parser)
     parser.add_argument("--resume", default="", help="lincls checkpoint to resume (default: auto)")
     parser.add_argument("--evaluate", action="store_true", help="only evaluate the classifier")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser
 
 

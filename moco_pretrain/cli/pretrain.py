@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from moco_pretrain.cli.common import config_parser
 from moco_pretrain.config import setup_cfg
 from moco_pretrain.distributed import is_main_process
 from moco_pretrain.pretrain import run_pretraining
@@ -16,16 +17,8 @@ DEMO_RECIPE = "pretrain/fashion_mnist_demo.yaml"
 
 
 def get_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help
-    )
-    parser.add_argument(
-        "--config-file",
-        default=DEMO_RECIPE,
-        help="recipe YAML: a path, or a name under configs/ (default: %(default)s)",
-    )
+    parser = config_parser(__doc__, default_recipe=DEMO_RECIPE, add_help=add_help)
     parser.add_argument("--resume", default="", help="checkpoint to resume from (default: auto)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser
 
 
