@@ -21,21 +21,23 @@ A ``state_dict`` or ``model`` wrapper and a DistributedDataParallel ``module.`` 
 
 Deviation from the official scripts (``main_lincls.py``, ``convert-pretrain-to-detectron2.py``):
 they ``torch.load`` with full unpickling and keep every key that merely starts with the encoder
-prefix, so a head leaks through (``stem.fc.*``). Here loading is ``weights_only`` (a checkpoint
-that would run code is refused) and every key is either kept, dropped by an explicit rule, or
+prefix, so a head leaks through (``stem.fc.*``). Here the file is read by
+:func:`moco_pretrain.checkpoint.load_checkpoint` (``weights_only``: a checkpoint that would run
+code is refused; a file that is neither zip nor pickle is reported as unreadable) and every key is either kept, dropped by an explicit rule, or
 reported as unknown.
 """
 
 from __future__ import annotations
 
 import hashlib
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .checkpoint import load_checkpoint
 
 __all__ = ["BackboneWeights", "CheckpointLayoutError", "load_backbone_state_dict"]
 
@@ -92,16 +94,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read(path: Path) -> Any:
+def _read(path: Path) -> dict[str, Any]:
+    """The checkpoint dict, via the project's one safe loader (magic-byte check, weights_only)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointLayoutError(
-            f"{path}: refused to load; it is not a plain-tensor checkpoint and unpickling it "
-            f"could run code (torch.load weights_only=True failed: {str(e).splitlines()[0]})"
-        ) from e
-    except (RuntimeError, EOFError) as e:
-        raise CheckpointLayoutError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+        return load_checkpoint(path)
+    except ValueError as e:  # not zip/pickle, unreadable, code-running pickle, not a dict
+        reason = str(e).removeprefix(str(path)).lstrip()
+        raise CheckpointLayoutError(f"{path}: {reason}") from None
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -202,3 +202,21 @@ def test_device_augmentation_path_trains(tiny_imagefolder, tmp_path):
         tiny_cfg(tiny_imagefolder, tmp_path, "SOLVER.EPOCHS", "1", "DATA.DEVICE_AUG", "True")
     )
     assert summary["checkpoint"] and all(map(math.isfinite, summary["epochs"][0].values()))
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    from moco_pretrain.cli.pretrain import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "--config-file",
+                "pretrain/moco_v2_cpu_trial.yaml",
+                "DATA.ROOT",
+                str(tmp_path / "none"),
+            ]
+        )
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("moco-pretrain: error: image folder") and "none" in error
+    assert "\n" not in error and "Traceback" not in error

@@ -13,7 +13,7 @@ from typing import Any
 
 from fvcore.common.config import CfgNode
 
-from moco_pretrain.cli.common import add_pretrained_arguments, config_parser
+from moco_pretrain.cli.common import add_pretrained_arguments, config_parser, exit_on_user_error
 from moco_pretrain.config import setup_cfg
 from moco_pretrain.distributed import init_distributed, is_main_process
 from moco_pretrain.engine import setup_logging
@@ -43,16 +43,17 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = get_parser().parse_args(argv)
-    cfg = setup_cfg(args.config_file, args.opts)
-    result = run_knn(cfg, pretrained=args.pretrained, prefix=args.prefix)
-    if is_main_process():
-        top1, top5 = result["metrics"]["top1"], result["metrics"]["top5"]
-        print(
-            f"\nkNN (k={result['k']}, T={result['temperature']}, bank {result['bank_size']}):"
-            f" top-1 {top1:.2f} %, top-5 {top5:.2f} %"
-            f"\nresults: {cfg.OUTPUT_DIR}/knn/results.json"
-        )
+    with exit_on_user_error("moco-knn"):
+        args = get_parser().parse_args(argv)
+        cfg = setup_cfg(args.config_file, args.opts)
+        result = run_knn(cfg, pretrained=args.pretrained, prefix=args.prefix)
+        if is_main_process():
+            top1, top5 = result["metrics"]["top1"], result["metrics"]["top5"]
+            print(
+                f"\nkNN (k={result['k']}, T={result['temperature']}, bank {result['bank_size']}):"
+                f" top-1 {top1:.2f} %, top-5 {top5:.2f} %"
+                f"\nresults: {cfg.OUTPUT_DIR}/knn/results.json"
+            )
 
 
 if __name__ == "__main__":

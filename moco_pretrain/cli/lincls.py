@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from moco_pretrain.cli.common import add_pretrained_arguments, config_parser
+from moco_pretrain.cli.common import add_pretrained_arguments, config_parser, exit_on_user_error
 from moco_pretrain.config import setup_cfg
 from moco_pretrain.distributed import is_main_process
 from moco_pretrain.lincls import RESULTS_FILE, run_lincls
@@ -27,22 +27,23 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = get_parser().parse_args(argv)
-    cfg = setup_cfg(args.config_file, args.opts)
-    result = run_lincls(
-        cfg,
-        pretrained=args.pretrained,
-        prefix=args.prefix,
-        resume=args.resume or None,
-        evaluate_only=args.evaluate,
-    )
-    if is_main_process():
-        metrics = result["metrics"]
-        print(
-            f"\nlinear classification, epoch {result['epoch']}: top-1 {metrics['top1']:.2f} %,"
-            f" top-5 {metrics['top5']:.2f} % (best top-1 {result['best_top1']:.2f} %)"
-            f"\nresults: {cfg.OUTPUT_DIR}/{RESULTS_FILE}"
+    with exit_on_user_error("moco-lincls"):
+        args = get_parser().parse_args(argv)
+        cfg = setup_cfg(args.config_file, args.opts)
+        result = run_lincls(
+            cfg,
+            pretrained=args.pretrained,
+            prefix=args.prefix,
+            resume=args.resume or None,
+            evaluate_only=args.evaluate,
         )
+        if is_main_process():
+            metrics = result["metrics"]
+            print(
+                f"\nlinear classification, epoch {result['epoch']}: top-1 {metrics['top1']:.2f} %,"
+                f" top-5 {metrics['top5']:.2f} % (best top-1 {result['best_top1']:.2f} %)"
+                f"\nresults: {cfg.OUTPUT_DIR}/{RESULTS_FILE}"
+            )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from moco_pretrain.cli.common import config_parser
+from moco_pretrain.cli.common import config_parser, exit_on_user_error
 from moco_pretrain.config import setup_cfg
 from moco_pretrain.distributed import is_main_process
 from moco_pretrain.pretrain import run_pretraining
@@ -43,11 +43,12 @@ def print_summary(summary: dict, *, output_dir: str, queue_size: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = get_parser().parse_args(argv)
-    cfg = setup_cfg(args.config_file, args.opts)
-    summary = run_pretraining(cfg, resume=args.resume or None)
-    if is_main_process():
-        print_summary(summary, output_dir=cfg.OUTPUT_DIR, queue_size=cfg.MODEL.K)
+    with exit_on_user_error("moco-pretrain"):
+        args = get_parser().parse_args(argv)
+        cfg = setup_cfg(args.config_file, args.opts)
+        summary = run_pretraining(cfg, resume=args.resume or None)
+        if is_main_process():
+            print_summary(summary, output_dir=cfg.OUTPUT_DIR, queue_size=cfg.MODEL.K)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,177 @@
+"""moco-transfer end to end on CPU: 2 iterations + evaluation on tiny VOC- and COCO-format data.
+
+The datasets are written here (coloured boxes on noise, 96x128 px); the backbone is a randomly
+initialised torchvision ResNet-50 converted by the converter, so the whole path (convert ->
+register -> preflight -> train -> evaluate -> results.json -> trials) runs as a user runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+pytest.importorskip("detectron2")
+
+from transfer.convert import convert_to_detectron2, write_detectron2_pkl  # noqa: E402
+from transfer.preflight import BackboneWeightsError  # noqa: E402
+from transfer.train_net import main  # noqa: E402
+
+from moco_pretrain.weights import load_backbone_state_dict  # noqa: E402
+
+CLASSES = ("square", "bar")
+SIZE = (128, 96)  # width, height
+
+
+def _scene(rng: np.random.Generator) -> tuple[Image.Image, list[tuple[int, list[int]]]]:
+    """Noise with 1-2 flat coloured rectangles; returns the image and (class, xyxy) boxes."""
+    pixels = rng.integers(0, 80, size=(SIZE[1], SIZE[0], 3), dtype=np.uint8)
+    boxes = []
+    for _ in range(rng.integers(1, 3)):
+        c = int(rng.integers(0, len(CLASSES)))
+        w, h = (30, 30) if c == 0 else (50, 16)
+        x, y = int(rng.integers(0, SIZE[0] - w)), int(rng.integers(0, SIZE[1] - h))
+        pixels[y : y + h, x : x + w] = (220, 40, 40) if c == 0 else (40, 40, 220)
+        boxes.append((c, [x, y, x + w, y + h]))
+    return Image.fromarray(pixels), boxes
+
+
+def write_voc(root: Path, *, splits=(("train", 4), ("test", 2))) -> Path:
+    rng = np.random.default_rng(0)
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for split, n in splits:
+        ids = [f"{split}_{i}" for i in range(n)]
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        for image_id in ids:
+            image, boxes = _scene(rng)
+            image.save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
+            ann = ET.Element("annotation")
+            size = ET.SubElement(ann, "size")
+            for tag, value in zip(("width", "height", "depth"), (*SIZE, 3), strict=True):
+                ET.SubElement(size, tag).text = str(value)
+            for c, box in boxes:
+                obj = ET.SubElement(ann, "object")
+                ET.SubElement(obj, "name").text = CLASSES[c]
+                for tag in ("pose", "truncated", "difficult"):
+                    ET.SubElement(obj, tag).text = "Unspecified" if tag == "pose" else "0"
+                bndbox = ET.SubElement(obj, "bndbox")
+                for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), box, strict=True):
+                    ET.SubElement(bndbox, tag).text = str(value)
+            ET.ElementTree(ann).write(root / "Annotations" / f"{image_id}.xml")
+    return root
+
+
+def write_coco(root: Path, split: str, n: int, seed: int) -> tuple[Path, Path]:
+    rng = np.random.default_rng(seed)
+    images_dir = root / split
+    images_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(n):
+        image, boxes = _scene(rng)
+        image.save(images_dir / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": SIZE[0], "height": SIZE[1]})
+        for c, (x0, y0, x1, y1) in boxes:
+            polygon = [x0, y0, x1, y0, x1, y1, x0, y1]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": c + 1,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": 0,
+                    "segmentation": [polygon],
+                }
+            )
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(CLASSES)]
+    json_file = root / f"{split}.json"
+    json_file.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    return json_file, images_dir
+
+
+@pytest.fixture(scope="module")
+def backbone_pkl(tmp_path_factory) -> Path:
+    """A randomly initialised torchvision ResNet-50, saved and converted like a user's."""
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet50().state_dict(), root / "r50.pth")
+    converted = convert_to_detectron2(load_backbone_state_dict(root / "r50.pth"))
+    write_detectron2_pkl(converted, root / "r50.pkl")
+    return root / "r50.pkl"
+
+
+def _results(output: Path, trial: int = 0) -> dict:
+    return json.loads((output / f"trial_{trial}" / "results.json").read_text())
+
+
+def test_voc_two_iterations_and_evaluation(tmp_path, backbone_pkl):
+    voc = write_voc(tmp_path / "voc")
+    datasets = f"[('tiny_voc_train', '{voc}', 'train'), ('tiny_voc_test', '{voc}', 'test')]"
+    output = tmp_path / "out"
+    opts = ["MOCO.DATASETS.VOC", datasets, "MOCO.DATASETS.VOC_CLASSES", str(list(CLASSES))]
+    opts += ["DATASETS.TRAIN", "('tiny_voc_train',)", "DATASETS.TEST", "('tiny_voc_test',)"]
+    opts += ["MODEL.ROI_HEADS.NUM_CLASSES", "2", "MODEL.WEIGHTS", str(backbone_pkl)]
+    argv = ["--config-file", "detection/instant_test_voc_R_50_C4.yaml", "--num-trials", "2"]
+    main([*argv, *opts, "OUTPUT_DIR", str(output)])
+
+    first, second = _results(output, 0), _results(output, 1)
+    assert first["task"] == "detection" and first["init"] == "moco"
+    assert set(first["metrics"]) == {"bbox/AP", "bbox/AP50", "bbox/AP75"}
+    assert all(0.0 <= v <= 100.0 for v in first["metrics"].values())
+    assert (first["seed"], second["seed"]) == (0, 1)
+    assert first["checkpoint_sha256"] and first["config"]["MODEL"]["ROI_HEADS"]["NAME"] == (
+        "Res5ROIHeadsExtraNorm"
+    )
+    # rerunning the series skips finished trials: results.json is not rewritten
+    stamp = (output / "trial_0" / "results.json").stat().st_mtime_ns
+    main([*argv, *opts, "OUTPUT_DIR", str(output)])
+    assert (output / "trial_0" / "results.json").stat().st_mtime_ns == stamp
+
+
+def test_coco_two_iterations_and_box_and_mask_evaluation(tmp_path, backbone_pkl):
+    train = write_coco(tmp_path / "coco", "train", 4, seed=1)
+    test = write_coco(tmp_path / "coco", "test", 2, seed=2)
+    datasets = f"[('tiny_coco_train', '{train[0]}', '{train[1]}'), "
+    datasets += f"('tiny_coco_test', '{test[0]}', '{test[1]}')]"
+    output = tmp_path / "out"
+    opts = ["MOCO.DATASETS.COCO", datasets, "MODEL.ROI_HEADS.NUM_CLASSES", "2"]
+    opts += ["DATASETS.TRAIN", "('tiny_coco_train',)", "DATASETS.TEST", "('tiny_coco_test',)"]
+    opts += ["MODEL.WEIGHTS", str(backbone_pkl), "OUTPUT_DIR", str(output)]
+    main(["--config-file", "detection/instant_test_coco_R_50_FPN.yaml", *opts])
+
+    metrics = _results(output)["metrics"]
+    for task in ("bbox", "segm"):  # COCOEvaluator: NaN where the model predicted nothing
+        assert {f"{task}/{m}" for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")} <= set(metrics)
+        assert all(math.isnan(v) or 0.0 <= v <= 100.0 for v in metrics.values())
+
+
+def test_preflight_stops_a_run_whose_weights_miss_the_backbone(tmp_path, backbone_pkl):
+    voc = write_voc(tmp_path / "voc", splits=(("train", 2),))
+    datasets = f"[('preflight_voc', '{voc}', 'train')]"
+    base = ["--config-file", "detection/instant_test_voc_R_50_C4.yaml", "MOCO.DATASETS.VOC"]
+    base += [datasets, "DATASETS.TRAIN", "('preflight_voc',)", "DATASETS.TEST", "()"]
+    base += ["OUTPUT_DIR", str(tmp_path / "out")]
+
+    with pytest.raises(BackboneWeightsError, match="MODEL.WEIGHTS is empty"):
+        main(base)  # the _moco config has no default weights
+
+    # a file covering only the stem and res2: res3-res5 are named as unset
+    converted = convert_to_detectron2(load_backbone_state_dict(backbone_pkl.with_suffix(".pth")))
+    converted["model"] = {
+        k: v for k, v in converted["model"].items() if k.startswith(("stem.", "res2."))
+    }
+    partial = tmp_path / "partial.pkl"
+    write_detectron2_pkl(converted, partial)
+    with pytest.raises(BackboneWeightsError, match=r"left \d+ of \d+ backbone tensors.*res[345]\."):
+        main([*base, "MODEL.WEIGHTS", str(partial)])
+    assert not (tmp_path / "out" / "trial_0" / "results.json").exists()
