@@ -39,7 +39,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 
-__all__ = ["BackboneWeights", "CheckpointLayoutError", "load_backbone_state_dict"]
+__all__ = ["BackboneWeights", "CheckpointLayoutError", "file_sha256", "load_backbone_state_dict"]
 
 
 class CheckpointLayoutError(ValueError):
@@ -86,9 +86,10 @@ _RULES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
 }
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (the provenance recorded with converted weights and results)."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -183,7 +184,7 @@ def load_backbone_state_dict(path: str | Path, *, prefix: str | None = None) -> 
     path = Path(path)
     obj = _read(path)
     state = _unwrap(obj, path)
-    meta: dict[str, Any] = {"path": str(path), "sha256": _sha256(path)}
+    meta: dict[str, Any] = {"path": str(path), "sha256": file_sha256(path)}
     if isinstance(obj, Mapping):
         meta.update({k: obj[k] for k in ("epoch", "arch") if isinstance(obj.get(k), (int, str))})
 

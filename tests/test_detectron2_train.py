@@ -2,7 +2,8 @@
 
 The datasets are written here (coloured boxes on noise, 96x128 px); the backbone is a randomly
 initialised torchvision ResNet-50 converted by the converter, so the whole path (convert ->
-register -> preflight -> train -> evaluate -> results.json -> trials) runs as a user runs it.
+register -> preflight -> train -> evaluate -> results.json -> trials, --eval-only, --resume)
+runs as a user runs it.
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ from PIL import Image
 
 pytest.importorskip("detectron2")
 
+from moco_pretrain.weights import load_backbone_state_dict  # noqa: E402
 from transfer.convert import convert_to_detectron2, write_detectron2_pkl  # noqa: E402
 from transfer.preflight import BackboneWeightsError  # noqa: E402
 from transfer.train_net import main  # noqa: E402
-
-from moco_pretrain.weights import load_backbone_state_dict  # noqa: E402
 
 CLASSES = ("square", "bar")
 SIZE = (128, 96)  # width, height
@@ -129,6 +129,8 @@ def test_voc_two_iterations_and_evaluation(tmp_path, backbone_pkl):
     assert set(first["metrics"]) == {"bbox/AP", "bbox/AP50", "bbox/AP75"}
     assert all(0.0 <= v <= 100.0 for v in first["metrics"].values())
     assert (first["seed"], second["seed"]) == (0, 1)
+    assert "trial_1" not in (output / "trial_0" / "log.txt").read_text()  # logs kept apart
+    assert "Starting training from iteration 0" in (output / "trial_1" / "log.txt").read_text()
     assert first["checkpoint_sha256"] and first["config"]["MODEL"]["ROI_HEADS"]["NAME"] == (
         "Res5ROIHeadsExtraNorm"
     )
@@ -136,6 +138,12 @@ def test_voc_two_iterations_and_evaluation(tmp_path, backbone_pkl):
     stamp = (output / "trial_0" / "results.json").stat().st_mtime_ns
     main([*argv, *opts, "OUTPUT_DIR", str(output)])
     assert (output / "trial_0" / "results.json").stat().st_mtime_ns == stamp
+
+    # --eval-only on the trained detector (its backbone passes the preflight) gives the same AP
+    final = output / "trial_0" / "model_final.pth"
+    argv = ["--config-file", "detection/instant_test_voc_R_50_C4.yaml", "--eval-only"]
+    main([*argv, *opts, "MODEL.WEIGHTS", str(final), "OUTPUT_DIR", str(tmp_path / "eval")])
+    assert _results(tmp_path / "eval")["metrics"] == first["metrics"]
 
 
 def test_coco_two_iterations_and_box_and_mask_evaluation(tmp_path, backbone_pkl):
@@ -154,16 +162,28 @@ def test_coco_two_iterations_and_box_and_mask_evaluation(tmp_path, backbone_pkl)
         assert {f"{task}/{m}" for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")} <= set(metrics)
         assert all(math.isnan(v) or 0.0 <= v <= 100.0 for v in metrics.values())
 
+    # an unfinished trial (no results.json) continues from its last checkpoint with --resume
+    (output / "trial_0" / "results.json").unlink()
+    config = ["--config-file", "detection/instant_test_coco_R_50_FPN.yaml", "--resume"]
+    main([*config, *opts, "SOLVER.MAX_ITER", "3"])
+    assert "Starting training from iteration 2" in (output / "trial_0" / "log.txt").read_text()
+    assert _results(output)["config"]["SOLVER"]["MAX_ITER"] == 3
 
-def test_preflight_stops_a_run_whose_weights_miss_the_backbone(tmp_path, backbone_pkl):
+
+def test_preflight_stops_a_run_whose_weights_miss_the_backbone(
+    tmp_path, backbone_pkl, capsys, monkeypatch
+):
     voc = write_voc(tmp_path / "voc", splits=(("train", 2),))
     datasets = f"[('preflight_voc', '{voc}', 'train')]"
     base = ["--config-file", "detection/instant_test_voc_R_50_C4.yaml", "MOCO.DATASETS.VOC"]
-    base += [datasets, "DATASETS.TRAIN", "('preflight_voc',)", "DATASETS.TEST", "()"]
+    base += [datasets, "MOCO.DATASETS.VOC_CLASSES", str(list(CLASSES))]
+    base += ["DATASETS.TRAIN", "('preflight_voc',)", "DATASETS.TEST", "()"]
     base += ["OUTPUT_DIR", str(tmp_path / "out")]
 
-    with pytest.raises(BackboneWeightsError, match="MODEL.WEIGHTS is empty"):
-        main(base)  # the _moco config has no default weights
+    with pytest.raises(SystemExit) as exit_info:
+        main(base)  # the _moco config has no default weights: one error line, status 2
+    assert exit_info.value.code == 2
+    assert "moco-transfer: error: MODEL.WEIGHTS is empty" in capsys.readouterr().err
 
     # a file covering only the stem and res2: res3-res5 are named as unset
     converted = convert_to_detectron2(load_backbone_state_dict(backbone_pkl.with_suffix(".pth")))
@@ -172,6 +192,7 @@ def test_preflight_stops_a_run_whose_weights_miss_the_backbone(tmp_path, backbon
     }
     partial = tmp_path / "partial.pkl"
     write_detectron2_pkl(converted, partial)
+    monkeypatch.setenv("MOCO_DEBUG", "1")  # the exception itself
     with pytest.raises(BackboneWeightsError, match=r"left \d+ of \d+ backbone tensors.*res[345]\."):
         main([*base, "MODEL.WEIGHTS", str(partial)])
     assert not (tmp_path / "out" / "trial_0" / "results.json").exists()

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from moco_pretrain.cli.common import exit_on_user_error
 from moco_pretrain.weights import BackboneWeights, load_backbone_state_dict
 
 __all__ = [
@@ -147,6 +148,9 @@ def convert_to_detectron2(weights: BackboneWeights, *, arch: str = "resnet50") -
         if keys
     ]
     if problems:
+        recorded = weights.meta.get("arch")
+        if recorded in _RESNETS and recorded != arch:
+            problems.insert(0, f"the checkpoint records arch {recorded!r} (pass --arch {recorded})")
         raise ConversionError(
             f"{source} (layout {weights.layout}) is not a {arch} backbone: " + "; ".join(problems)
         )
@@ -203,14 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not args.output.endswith(".pkl"):
-        raise SystemExit("moco-convert: OUTPUT must end in .pkl (Detectron2 reads it as pickle)")
-    try:
+        parser.error("OUTPUT must end in .pkl (Detectron2 reads it as pickle)")
+    with exit_on_user_error("moco-convert"):  # CheckpointLayoutError, ConversionError, no file
         weights = load_backbone_state_dict(args.input, prefix=args.prefix)
         converted = convert_to_detectron2(weights, arch=args.arch)
-    except ValueError as e:  # CheckpointLayoutError, ConversionError
-        raise SystemExit(f"moco-convert: error: {e}") from e
     write_detectron2_pkl(converted, args.output)
     prov = converted["provenance"]
     print(f"source:    {args.input} (sha256 {prov['source_sha256'][:16]}...)")

@@ -19,14 +19,13 @@ class Res5ROIHeadsExtraNorm(Res5ROIHeads):
     """:class:`Res5ROIHeads` whose res5 block ends in ``get_norm(MODEL.RESNETS.NORM, C)``.
 
     With a tuned BN backbone the res5 head's output is otherwise unnormalised before the box and
-    mask predictors; the extra norm (C = 8 * ``RES2_OUT_CHANNELS`` = 2048 for R50) fixes that.
+    mask predictors; the extra norm over res5's C output channels fixes that.
     """
 
     @classmethod
     def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]) -> dict:
         ret = super().from_config(cfg, input_shape)
-        out_channels = cfg.MODEL.RESNETS.RES2_OUT_CHANNELS * 8  # res5 is 8x res2
-        norm = get_norm(cfg.MODEL.RESNETS.NORM, out_channels)
+        norm = get_norm(cfg.MODEL.RESNETS.NORM, ret["res5"][-1].out_channels)  # C = 2048 for R50
         if norm is not None:
             ret["res5"].add_module("norm", norm)  # res5: Sequential(block0, block1, block2, norm)
         return ret

@@ -22,14 +22,14 @@ def get_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def print_summary(summary: dict, *, output_dir: str, queue_size: int) -> None:
+def print_summary(summary: dict, *, cfg) -> None:
     """What a newcomer wants to know at the end of a run, and what to run next."""
     last = summary["epochs"][-1] if summary["epochs"] else {}
     print(f"\ncheckpoint: {summary['checkpoint']}")
     if "acc1" in last:
         print(
             f"instance discrimination (contrastive top-1 of 1+K, last epoch): {last['acc1']:.1f} %"
-            f" (chance {100 / (queue_size + 1):.3f} %)"
+            f" (chance {100 / (cfg.MODEL.K + 1):.3f} %)"
         )
     if "knn_top1" in summary:
         print(
@@ -39,7 +39,10 @@ def print_summary(summary: dict, *, output_dir: str, queue_size: int) -> None:
     if summary.get("skipped_images"):
         print(f"unreadable images skipped: {summary['skipped_images']}")
     if summary["checkpoint"]:
-        print(f"next: moco-convert {summary['checkpoint']} {output_dir}/moco_detectron2.pkl")
+        print(
+            f"next: moco-convert {summary['checkpoint']} {cfg.OUTPUT_DIR}/moco_detectron2.pkl"
+            f" --arch {cfg.MODEL.ARCH}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = setup_cfg(args.config_file, args.opts)
         summary = run_pretraining(cfg, resume=args.resume or None)
         if is_main_process():
-            print_summary(summary, output_dir=cfg.OUTPUT_DIR, queue_size=cfg.MODEL.K)
+            print_summary(summary, cfg=cfg)
 
 
 if __name__ == "__main__":

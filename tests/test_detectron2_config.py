@@ -1,0 +1,115 @@
+"""Every detection YAML loads after ``add_moco_config``; dataset registration; evaluator choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("detectron2")
+
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import MetadataCatalog  # noqa: E402
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY  # noqa: E402
+
+from transfer import add_moco_config  # noqa: E402
+from transfer.config import INITS  # noqa: E402
+from transfer.datasets import register_datasets  # noqa: E402
+from transfer.train_net import Trainer  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
+YAMLS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+ROWS = [n for n in YAMLS if not n.startswith(("Base-", "instant_test"))]
+TORCHVISION_MEAN = [123.675, 116.280, 103.530]
+BENCHMARKS = {"pascal_voc_R_50_C4_24k"} | {
+    f"coco_R_50_{m}_{s}" for m in ("C4", "FPN") for s in ("1x", "2x")
+}
+SUFFIX = {"supervised": "", "supervised-tv": "_tvsup", "moco": "_moco", "random": "_random"}
+
+
+def _load(name: str):
+    cfg = get_cfg()
+    add_moco_config(cfg)
+    add_moco_config(cfg)  # a second call is a no-op
+    cfg.merge_from_file(str(CONFIGS / name))
+    return cfg
+
+
+def test_there_are_four_inits_per_benchmark():
+    assert len(YAMLS) == 24
+    assert set(ROWS) == {f"{b}{s}.yaml" for b in BENCHMARKS for s in SUFFIX.values()}
+
+
+@pytest.mark.parametrize("name", YAMLS)
+def test_every_yaml_loads_with_the_plugin(name):
+    cfg = _load(name)
+    assert cfg.MOCO.INIT in INITS
+    assert cfg.MODEL.RESNETS.NORM == "SyncBN" and cfg.MODEL.BACKBONE.FREEZE_AT == 0
+    assert cfg.TEST.PRECISE_BN.ENABLED
+    if "C4" in name:
+        assert cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeadsExtraNorm"
+        assert "Res5ROIHeadsExtraNorm" in ROI_HEADS_REGISTRY
+    if "FPN" in name:
+        assert cfg.MODEL.FPN.NORM == "SyncBN"
+    if name.startswith("coco_"):
+        assert cfg.MODEL.MASK_ON and cfg.DATASETS.TEST == ("coco_2017_val",)
+        assert cfg.SOLVER.MAX_ITER == (90000 if "_1x" in name else 180000)
+    if name.startswith("pascal_voc"):
+        assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 20 and not cfg.MODEL.MASK_ON
+        assert cfg.DATASETS.TRAIN == ("voc_2007_trainval", "voc_2012_trainval")
+        assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS) == (24000, (18000, 22000))
+
+
+@pytest.mark.parametrize("name", ROWS)
+def test_initialisation_rows(name):
+    cfg = _load(name)
+    init = cfg.MOCO.INIT
+    benchmark = name.removesuffix(".yaml").removesuffix(SUFFIX[init])
+    assert benchmark + SUFFIX[init] + ".yaml" == name and benchmark in BENCHMARKS
+    if init == "supervised":  # detectron2's MSRA weights: BGR, Caffe statistics, stride in 1x1
+        assert cfg.MODEL.WEIGHTS == "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+        assert cfg.INPUT.FORMAT == "BGR" and cfg.MODEL.RESNETS.STRIDE_IN_1X1
+        assert cfg.MOCO.CHECK_BACKBONE_WEIGHTS
+        return
+    # torchvision-style backbones (moco, tvsup, random): RGB, torchvision statistics, stride in 3x3
+    assert cfg.INPUT.FORMAT == "RGB" and cfg.MODEL.PIXEL_MEAN == TORCHVISION_MEAN
+    assert not cfg.MODEL.RESNETS.STRIDE_IN_1X1
+    assert cfg.MODEL.WEIGHTS == ""  # no placeholder: the converted .pkl is given explicitly
+    assert cfg.MOCO.CHECK_BACKBONE_WEIGHTS == (init != "random")
+    # same schedule and data as the supervised row of the benchmark
+    supervised = _load(benchmark + ".yaml")
+    for key in ("MAX_ITER", "STEPS", "BASE_LR", "IMS_PER_BATCH"):
+        assert cfg.SOLVER[key] == supervised.SOLVER[key]
+    assert cfg.DATASETS == supervised.DATASETS
+
+
+def test_readme_gives_a_command_for_every_row():
+    readme = (CONFIGS / "README.md").read_text()
+    missing = [n for n in ROWS + [n for n in YAMLS if n.startswith("instant")] if n not in readme]
+    assert not missing
+
+
+def test_dataset_registration_is_idempotent_and_checks_paths(tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub / "Annotations").mkdir(parents=True)
+        (tmp_path / sub / "ImageSets" / "Main").mkdir(parents=True)
+        (tmp_path / sub / "ImageSets" / "Main" / "val.txt").write_text("")
+    cfg = _load("instant_test_voc_R_50_C4.yaml")
+    cfg.MOCO.DATASETS.VOC = [("cfg_test_voc", str(tmp_path / "a"), "val")]
+    assert register_datasets(cfg) == register_datasets(cfg) == ["cfg_test_voc"]
+    meta = MetadataCatalog.get("cfg_test_voc")
+    assert (meta.evaluator_type, meta.year, len(meta.thing_classes)) == ("pascal_voc", 2007, 20)
+    assert type(Trainer.build_evaluator(cfg, "cfg_test_voc")).__name__ == (
+        "PascalVOCDetectionEvaluator"
+    )
+
+    cfg.MOCO.DATASETS.VOC = [("cfg_test_voc", str(tmp_path / "b"), "val")]
+    with pytest.raises(ValueError, match="'cfg_test_voc' is already registered with other data"):
+        register_datasets(cfg)
+    cfg.MOCO.DATASETS.VOC = []
+    cfg.MOCO.DATASETS.COCO = [("cfg_test_coco", str(tmp_path / "x.json"), str(tmp_path))]
+    with pytest.raises(FileNotFoundError, match=r"'cfg_test_coco': .*x.json not found"):
+        register_datasets(cfg)
+    MetadataCatalog.get("cfg_test_untyped").set(thing_classes=["x"])
+    with pytest.raises(ValueError, match="'cfg_test_untyped' has evaluator_type None"):
+        Trainer.build_evaluator(cfg, "cfg_test_untyped")

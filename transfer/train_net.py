@@ -1,0 +1,193 @@
+"""``moco-transfer``: fine-tune and evaluate a detectron2 detector from a (MoCo) backbone.
+
+    moco-transfer --config-file detection/pascal_voc_R_50_C4_24k_moco.yaml --num-gpus 8 \\
+        --num-trials 5 MODEL.WEIGHTS moco_v2_200ep.pkl OUTPUT_DIR out/voc_moco
+
+detectron2's ``tools/train_net.py`` with the plugin: ``--config-file`` is a path or a name under
+the packaged ``configs/`` (``detection/...``); ``MOCO.DATASETS`` registers VOC/COCO-format data;
+the evaluator follows the test dataset's ``evaluator_type``; before training, the backbone
+weights are verified (:mod:`transfer.preflight`). Trial ``k`` runs in ``OUTPUT_DIR/trial_k`` with
+``SEED = max(SEED, 0) + k`` and ends by writing ``results.json`` there; a trial that has one is
+skipped, so an interrupted series is completed by rerunning the same command, and ``--trial k``
+runs one trial (e.g. as its own cluster job). At world size 1 (one GPU or ``MODEL.DEVICE cpu``)
+``SyncBN`` normalises with the batch's own statistics, as plain BN.
+
+Deviations from the official ``detection/train_net.py`` (MoCo, 78b69ca): the evaluator is chosen
+by ``MetadataCatalog.get(name).evaluator_type`` instead of ``"coco" in dataset_name``; the ROI
+head lives in :mod:`transfer.roi_heads` (public ``from_config``); the backbone preflight, dataset
+registration, trials and ``results.json`` are additions. Training itself is detectron2's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import yaml
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from moco_pretrain.cli.common import exit_on_user_error
+from moco_pretrain.config import resolve_config_file
+from moco_pretrain.weights import file_sha256
+
+from .config import INITS, add_moco_config
+from .datasets import register_datasets
+from .preflight import load_verified
+
+RESULTS_FILE = "results.json"
+
+
+class Trainer(DefaultTrainer):
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+        if evaluator_type == "coco":  # box AP, and mask AP when the model predicts masks
+            output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+            return COCOEvaluator(dataset_name, output_dir=output_folder)
+        if evaluator_type == "pascal_voc":  # AP, AP50, AP75 (VOC_YEAR 2007: 11-point)
+            return PascalVOCDetectionEvaluator(dataset_name)
+        raise ValueError(f"dataset {dataset_name!r} has evaluator_type {evaluator_type!r}")
+
+
+def build_cfg(args: argparse.Namespace) -> CfgNode:
+    """detectron2 defaults + ``MOCO.*`` + the YAML + ``KEY VALUE`` overrides (not frozen)."""
+    cfg = get_cfg()
+    add_moco_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if cfg.MOCO.INIT not in INITS:
+        raise ValueError(f"MOCO.INIT must be one of {INITS}, got {cfg.MOCO.INIT!r}")
+    return cfg
+
+
+def trial_dir(cfg: CfgNode, trial: int) -> Path:
+    return Path(cfg.OUTPUT_DIR) / f"trial_{trial}"
+
+
+def setup(args: argparse.Namespace, trial: int) -> CfgNode:
+    cfg = build_cfg(args)
+    cfg.OUTPUT_DIR = str(trial_dir(cfg, trial))
+    cfg.SEED = max(cfg.SEED, 0) + trial
+    cfg.freeze()
+    register_datasets(cfg)
+    _detach_previous_trial_logs()
+    default_setup(cfg, args)  # output dir, logging to OUTPUT_DIR/log.txt, config.yaml, seeds
+    return cfg
+
+
+def _detach_previous_trial_logs() -> None:
+    """Trials run one after another in one process: without this, detectron2's ``setup_logger``
+    (cached per output folder) keeps the previous trial's handlers, so each later trial logs
+    into every earlier trial's ``log.txt`` and repeats each line on the console."""
+    setup_logger.cache_clear()
+    for name in ("detectron2", "fvcore"):
+        logger = logging.getLogger(name)
+        for handler in logger.handlers[:]:
+            logger.removeHandler(handler)
+            handler.close()
+
+
+def _flatten(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    flat = {}
+    for key, value in results.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+def write_results(cfg: CfgNode, results: dict[str, Any], *, trial: int) -> Path:
+    """``results.json`` in the layout moco-knn/moco-lincls write, read by ``moco-report``."""
+    weights = cfg.MODEL.WEIGHTS  # "" for random init, or a URL (detectron2://...): no hash
+    result = {
+        "task": "detection",
+        "metrics": _flatten(results),  # e.g. "bbox/AP50", "segm/AP"
+        "checkpoint": weights,
+        "checkpoint_sha256": file_sha256(weights) if os.path.isfile(weights) else None,
+        "init": cfg.MOCO.INIT,
+        "trial": trial,
+        "seed": cfg.SEED,
+        "config": yaml.safe_load(cfg.dump()),
+    }
+    path = Path(cfg.OUTPUT_DIR) / RESULTS_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)  # a trial is either finished (results.json exists) or not
+    return path
+
+
+def _train(trainer: Trainer) -> dict[str, Any]:
+    """Train, then return the final evaluation (EvalHook runs it after the last iteration).
+
+    ``DefaultTrainer.train()`` returns it only when ``TEST.EXPECTED_RESULTS`` is set; it always
+    keeps it as ``_last_eval_results`` (absent when nothing was evaluated).
+    """
+    trainer.train()
+    return getattr(trainer, "_last_eval_results", None) or {}
+
+
+def run_trial(args: argparse.Namespace, trial: int) -> dict[str, Any]:
+    """One trial, in every process that ``launch`` starts."""
+    cfg = setup(args, trial)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        load = partial(checkpointer.resume_or_load, cfg.MODEL.WEIGHTS, resume=args.resume)
+        run = partial(Trainer.test, cfg, model)
+    else:
+        trainer = Trainer(cfg)
+        model = getattr(trainer.model, "module", trainer.model)  # unwrap DistributedDataParallel
+        load = partial(trainer.resume_or_load, resume=args.resume)
+        run = partial(_train, trainer)
+    if cfg.MOCO.CHECK_BACKBONE_WEIGHTS:
+        load_verified(model, load, weights=cfg.MODEL.WEIGHTS)
+    else:
+        load()
+    results = run()
+    if comm.is_main_process():
+        write_results(cfg, results, trial=trial)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = default_argument_parser(epilog=__doc__)
+    parser.add_argument("--num-trials", type=int, default=1, help="trials 0..N-1 (default 1)")
+    parser.add_argument("--trial", type=int, default=None, help="run only this trial")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    with exit_on_user_error("moco-transfer"):  # bad config, missing data or weights
+        args.config_file = str(resolve_config_file(args.config_file))
+        cfg = build_cfg(args)
+        trials = [args.trial] if args.trial is not None else range(args.num_trials)
+        for trial in trials:
+            done = trial_dir(cfg, trial) / RESULTS_FILE
+            if done.is_file() and not args.eval_only:
+                print(f"moco-transfer: trial {trial} is finished ({done}); skipped")
+                continue
+            launch(
+                run_trial,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(args, trial),
+            )
+
+
+if __name__ == "__main__":
+    main()
