@@ -27,15 +27,14 @@ provenance. This module does not import Detectron2.
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moco_pretrain.checkpoint import atomic_write
 from moco_pretrain.cli.common import exit_on_user_error
 from moco_pretrain.weights import BackboneWeights, load_backbone_state_dict
 
@@ -179,18 +178,7 @@ def convert_to_detectron2(weights: BackboneWeights, *, arch: str = "resnet50") -
 
 def write_detectron2_pkl(converted: dict[str, Any], path: str | Path) -> None:
     """Pickle ``converted`` to ``path`` atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(converted, f, protocol=pickle.HIGHEST_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: pickle.dump(converted, f, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def build_parser() -> argparse.ArgumentParser:
