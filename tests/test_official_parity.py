@@ -47,7 +47,7 @@ def _compare(rank: int, mlp: bool) -> None:
     ours.load_state_dict(official.state_dict())  # same weights and queue, key for key
     opt_official = torch.optim.SGD(official.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     opt_ours = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    for step in range(4):  # batch 8 does not divide K=24 ... only after 3 steps; keep K % 8 == 0
+    for step in range(4):  # 4 x 8 keys into K=24 slots: the queue wraps (K % 8 == 0, as official)
         im_q, im_k = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
         results = []
         for model, optimizer in ((official, opt_official), (ours, opt_ours)):
