@@ -220,3 +220,15 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert error.startswith("moco-pretrain: error: image folder") and "none" in error
     assert "\n" not in error and "Traceback" not in error
+
+
+def test_knn_monitor_and_tensorboard(tiny_imagefolder, tmp_path):
+    """KNN.MONITOR_PERIOD logs kNN top-1 per epoch; KNN.FINAL compares with a random encoder."""
+    options = ("KNN.MONITOR_PERIOD", "1", "KNN.FINAL", "True", "KNN.K", "5", "KNN.T", "0.1")
+    summary = run_pretraining(tiny_cfg(tiny_imagefolder, tmp_path, *options))
+    assert [entry["epoch"] for entry in summary["knn"]] == [1, 2]
+    assert all(0.0 <= entry["knn_top1"] <= 100.0 for entry in summary["knn"])
+    assert summary["knn_top1"] == summary["knn"][-1]["knn_top1"]
+    assert 0.0 <= summary["knn_top1_random_init"] <= 100.0
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert "kNN top-1" in (tmp_path / "log.txt").read_text()
