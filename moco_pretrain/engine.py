@@ -7,6 +7,7 @@ non-finite-loss guard, atomic checkpoints and exact resume.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fvcore.common.config import CfgNode
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -29,7 +31,14 @@ from .checkpoint import (
     with_ddp_prefix,
     without_ddp_prefix,
 )
-from .distributed import all_reduce_mean, get_world_size, is_main_process
+from .distributed import (
+    all_reduce_mean,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+    seed_all,
+)
+from .schedules import lr_at_epoch
 
 logger = logging.getLogger("moco_pretrain")
 
@@ -289,3 +298,63 @@ def _batch_size(batch: Any) -> int:
     while isinstance(first, (list, tuple)):
         first = first[0]
     return int(first.shape[0])
+
+
+# --------------------------------------------------------------------- config-driven runs
+def start_run(cfg: CfgNode) -> torch.device:
+    """Join the process group (if any), log to ``OUTPUT_DIR``, seed, write the resolved config."""
+    device = init_distributed()
+    output_dir = Path(cfg.OUTPUT_DIR)
+    setup_logging(output_dir)
+    seed_all(cfg.SEED)
+    if is_main_process():
+        (output_dir / "config.yaml").write_text(cfg.dump())
+    return device
+
+
+def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel when there are several processes, else as is."""
+    if get_world_size() == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None
+    )
+
+
+def build_trainer(
+    cfg: CfgNode,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    step_fn: StepFn,
+    device: torch.device,
+    **options: Any,
+) -> Trainer:
+    """A :class:`Trainer` with the schedule, precision, logging and checkpoint keys of ``cfg``.
+
+    The lr schedule starts from the optimizer's lr; ``options`` are further Trainer arguments.
+    """
+    schedule = functools.partial(
+        lr_at_epoch, optimizer.defaults["lr"], schedule=cfg.SOLVER.LR_SCHEDULE,
+        epochs=cfg.SOLVER.EPOCHS, steps=cfg.SOLVER.STEPS, gamma=cfg.SOLVER.GAMMA,
+    )  # fmt: skip
+    return Trainer(
+        model=model,
+        optimizer=optimizer,
+        loader=loader,
+        step_fn=step_fn,
+        lr_at_epoch=schedule,
+        epochs=cfg.SOLVER.EPOCHS,
+        checkpointer=Checkpointer(cfg.OUTPUT_DIR, keep_last=cfg.TRAIN.KEEP_LAST),
+        arch=cfg.MODEL.ARCH,
+        device=device,
+        amp_dtype=AMP_DTYPES[cfg.TRAIN.AMP_DTYPE],
+        channels_last=device.type == "cuda" and cfg.TRAIN.CHANNELS_LAST,
+        log_period=cfg.TRAIN.LOG_PERIOD,
+        checkpoint_period=cfg.TRAIN.CHECKPOINT_PERIOD,
+        max_iters_per_epoch=cfg.SOLVER.MAX_ITERS_PER_EPOCH,
+        config_yaml=cfg.dump(),
+        tensorboard_dir=Path(cfg.OUTPUT_DIR) / "tensorboard",
+        **options,
+    )

@@ -39,7 +39,7 @@ from fvcore.common.config import CfgNode
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import Checkpointer, atomic_save, load_checkpoint, with_ddp_prefix
+from .checkpoint import atomic_save, load_checkpoint, with_ddp_prefix
 from .data import (
     build_dataset,
     build_eval_loader,
@@ -50,15 +50,13 @@ from .data import (
 )
 from .distributed import (
     get_world_size,
-    init_distributed,
     is_main_process,
     per_process_batch_size,
-    seed_all,
 )
-from .engine import AMP_DTYPES, Trainer, logger, setup_logging, unwrap
+from .engine import Trainer, build_trainer, logger, start_run, unwrap, wrap_distributed
 from .knn import extract_features, topk_accuracy
 from .models import build_backbone, build_resnet
-from .schedules import lr_at_epoch, scaled_lr
+from .schedules import scaled_lr
 from .weights import BackboneWeights, load_backbone_state_dict
 
 INIT_STD = 0.01  # std of the new linear layer's weights (official protocol)
@@ -210,9 +208,7 @@ def build_lincls_trainer(
     cfg: CfgNode, model: nn.Module, *, loader: DataLoader, device: torch.device
 ) -> Trainer:
     """SGD on ``fc`` only, (DDP,) and the shared :class:`Trainer` with the whole model in eval mode."""
-    use_cuda = device.type == "cuda"
-    channels_last = use_cuda and cfg.TRAIN.CHANNELS_LAST
-    if channels_last:
+    if device.type == "cuda" and cfg.TRAIN.CHANNELS_LAST:
         model.to(memory_format=torch.channels_last)
     if cfg.TRAIN.COMPILE:
         model.compile()
@@ -221,39 +217,17 @@ def build_lincls_trainer(
     optimizer = torch.optim.SGD(
         params, lr, momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY
     )
-    train_model = (
-        nn.parallel.DistributedDataParallel(model, device_ids=[device] if use_cuda else None)
-        if get_world_size() > 1
-        else model
-    )
+    train_model = wrap_distributed(model, device)
     logger.info(
         "linear classification: %d processes x %d images = batch %d, lr %.4g (= %.4g x %d / 256)",
         get_world_size(), loader.batch_size, cfg.SOLVER.BATCH_SIZE, lr, cfg.SOLVER.BASE_LR,
         cfg.SOLVER.BATCH_SIZE,
     )  # fmt: skip
-    schedule = functools.partial(
-        lr_at_epoch, lr, schedule=cfg.SOLVER.LR_SCHEDULE, epochs=cfg.SOLVER.EPOCHS,
-        steps=cfg.SOLVER.STEPS, gamma=cfg.SOLVER.GAMMA,
-    )  # fmt: skip
-    return Trainer(
-        model=train_model,
-        optimizer=optimizer,
-        loader=loader,
-        step_fn=functools.partial(linear_step, train_model),
-        lr_at_epoch=schedule,
-        epochs=cfg.SOLVER.EPOCHS,
-        checkpointer=Checkpointer(cfg.OUTPUT_DIR, keep_last=cfg.TRAIN.KEEP_LAST),
-        arch=cfg.MODEL.ARCH,
-        device=device,
-        amp_dtype=AMP_DTYPES[cfg.TRAIN.AMP_DTYPE],
-        channels_last=channels_last,
-        log_period=cfg.TRAIN.LOG_PERIOD,
-        checkpoint_period=cfg.TRAIN.CHECKPOINT_PERIOD,
-        max_iters_per_epoch=cfg.SOLVER.MAX_ITERS_PER_EPOCH,
-        config_yaml=cfg.dump(),
+    return build_trainer(
+        cfg, model=train_model, optimizer=optimizer, loader=loader,
+        step_fn=functools.partial(linear_step, train_model), device=device,
         train_mode=train_model.eval,  # the whole model, BN included, stays in eval mode
-        tensorboard_dir=Path(cfg.OUTPUT_DIR) / "tensorboard",
-    )
+    )  # fmt: skip
 
 
 def run_lincls(
@@ -270,12 +244,8 @@ def run_lincls(
     epoch, after a resume and at the end. Returns the essentials of ``OUTPUT_DIR/results.json``
     (written by rank 0).
     """
-    device = init_distributed()
+    device = start_run(cfg)
     output_dir = Path(cfg.OUTPUT_DIR)
-    setup_logging(output_dir)
-    seed_all(cfg.SEED)
-    if is_main_process():
-        (output_dir / "config.yaml").write_text(cfg.dump())
     weights = load_pretrained(cfg, pretrained, prefix=prefix)
     reference = {k: v.clone() for k, v in weights.state_dict.items()}  # for the sanity check
     loader = build_lincls_train_loader(cfg)

@@ -16,7 +16,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .builder import MoCo
-from .checkpoint import Checkpointer
 from .data import (
     build_dataset,
     build_eval_loader,
@@ -28,16 +27,14 @@ from .data import (
 )
 from .distributed import (
     get_world_size,
-    init_distributed,
     is_main_process,
     per_process_batch_size,
-    seed_all,
 )
-from .engine import AMP_DTYPES, Trainer, logger, setup_logging
+from .engine import build_trainer, logger, start_run, wrap_distributed
 from .gpu_augment import DecodeResize, build_device_augment, default_pre_size, device_augment_step
 from .knn import knn_evaluate
 from .models import build_backbone, build_resnet
-from .schedules import lr_at_epoch, scaled_lr
+from .schedules import scaled_lr
 
 
 def build_moco(cfg: CfgNode) -> MoCo:
@@ -151,55 +148,23 @@ def knn_metrics_of(
 
 def run_pretraining(cfg: CfgNode, *, resume: str | None = None) -> dict[str, Any]:
     """Train MoCo as ``cfg`` says; returns a summary (also written to ``OUTPUT_DIR/summary.json``)."""
-    device = init_distributed()
+    device = start_run(cfg)
     output_dir = Path(cfg.OUTPUT_DIR)
-    setup_logging(output_dir)
-    seed_all(cfg.SEED)
-    if is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(cfg.dump())
     loader = build_pretrain_loader(cfg)  # fails early on a missing/empty data folder
 
     model = prepare_model(cfg, build_moco(cfg).to(device), device)
     optimizer = build_optimizer(cfg, model)
     lr = optimizer.defaults["lr"]
-    train_model = (
-        nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
-        )
-        if get_world_size() > 1
-        else model
-    )
+    train_model = wrap_distributed(model, device)
     logger.info(
         "MoCo %s: %d processes x %d images = batch %d, lr %.4g (= %.4g x %d / 256), %d iterations/epoch",
         cfg.MODEL.ARCH, get_world_size(), loader.batch_size, cfg.SOLVER.BATCH_SIZE, lr,
         cfg.SOLVER.BASE_LR, cfg.SOLVER.BATCH_SIZE, len(loader),
     )  # fmt: skip
-    trainer = Trainer(
-        model=train_model,
-        optimizer=optimizer,
-        loader=loader,
-        step_fn=build_step_fn(cfg, train_model, device),
-        lr_at_epoch=functools.partial(
-            lr_at_epoch,
-            lr,
-            schedule=cfg.SOLVER.LR_SCHEDULE,
-            epochs=cfg.SOLVER.EPOCHS,
-            steps=cfg.SOLVER.STEPS,
-            gamma=cfg.SOLVER.GAMMA,
-        ),  # fmt: skip
-        epochs=cfg.SOLVER.EPOCHS,
-        checkpointer=Checkpointer(output_dir, keep_last=cfg.TRAIN.KEEP_LAST),
-        arch=cfg.MODEL.ARCH,
-        device=device,
-        amp_dtype=AMP_DTYPES[cfg.TRAIN.AMP_DTYPE],
-        channels_last=device.type == "cuda" and cfg.TRAIN.CHANNELS_LAST,
-        log_period=cfg.TRAIN.LOG_PERIOD,
-        checkpoint_period=cfg.TRAIN.CHECKPOINT_PERIOD,
-        max_iters_per_epoch=cfg.SOLVER.MAX_ITERS_PER_EPOCH,
-        config_yaml=cfg.dump(),
-        tensorboard_dir=output_dir / "tensorboard",
-    )
+    trainer = build_trainer(
+        cfg, model=train_model, optimizer=optimizer, loader=loader,
+        step_fn=build_step_fn(cfg, train_model, device), device=device,
+    )  # fmt: skip
     resume = resume or (cfg.TRAIN.AUTO_RESUME and trainer.checkpointer.last_checkpoint())
     if resume:
         trainer.resume(resume)
