@@ -135,9 +135,9 @@ class Checkpointer:
     def save(self, state: dict[str, Any], *, epoch: int) -> Path:
         path = self.path_for(epoch)
         atomic_save(state, path)
-        tmp = self.output_dir / ".last_checkpoint.tmp"
-        tmp.write_text(path.name + "\n")
-        os.replace(tmp, self.output_dir / "last_checkpoint")
+        atomic_write(
+            self.output_dir / "last_checkpoint", lambda f: f.write(f"{path.name}\n".encode())
+        )
         self._prune()
         return path
 

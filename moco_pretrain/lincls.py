@@ -39,7 +39,7 @@ from fvcore.common.config import CfgNode
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import atomic_save, load_checkpoint, with_ddp_prefix
+from .checkpoint import atomic_save, atomic_write, load_checkpoint, with_ddp_prefix
 from .data import (
     build_dataset,
     build_eval_loader,
@@ -198,8 +198,7 @@ def write_results(
         **extra,
     }
     path = Path(output_dir) / RESULTS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write(path, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
     return path
 
 

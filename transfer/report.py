@@ -19,16 +19,16 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moco_pretrain.checkpoint import atomic_write
 from moco_pretrain.cli.common import exit_on_user_error
+from moco_pretrain.lincls import RESULTS_FILE  # one results.json layout for every task
 
 __all__ = ["Row", "collect_rows", "render_csv", "render_markdown", "main"]
 
-RESULTS_FILE = "results.json"
 # the paper's column order (VOC: AP50, AP, AP75; COCO: AP^bb..., AP^mk...); then kNN/linear top-k
 DEFAULT_METRICS = (
     "bbox/AP50", "bbox/AP", "bbox/AP75", "segm/AP50", "segm/AP", "segm/AP75", "top1", "top5",
@@ -162,12 +162,6 @@ def render_csv(tables) -> str:
     return out.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def render_png(tables) -> bytes:
     """Grouped bars (one group per metric, one bar per row) with ± std error bars, per task."""
     import matplotlib
@@ -219,9 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(tables, baselines)
-    _write_atomic(output / "report.md", markdown.encode())
-    _write_atomic(output / "report.csv", render_csv(tables).encode())
-    _write_atomic(output / "report.png", render_png(tables))
+    atomic_write(output / "report.md", lambda f: f.write(markdown.encode()))
+    atomic_write(output / "report.csv", lambda f: f.write(render_csv(tables).encode()))
+    atomic_write(output / "report.png", lambda f: f.write(render_png(tables)))
     print(markdown)
     print(f"wrote {output}/report.md, report.csv, report.png")
     return 0

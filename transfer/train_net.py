@@ -37,15 +37,15 @@ from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from moco_pretrain.checkpoint import atomic_write
 from moco_pretrain.cli.common import exit_on_user_error
 from moco_pretrain.config import resolve_config_file
+from moco_pretrain.lincls import RESULTS_FILE  # one results.json layout for every task
 from moco_pretrain.weights import file_sha256
 
 from .config import INITS, add_moco_config
 from .datasets import register_datasets
 from .preflight import load_verified
-
-RESULTS_FILE = "results.json"
 
 
 class Trainer(DefaultTrainer):
@@ -122,9 +122,8 @@ def write_results(cfg: CfgNode, results: dict[str, Any], *, trial: int) -> Path:
         "config": yaml.safe_load(cfg.dump()),
     }
     path = Path(cfg.OUTPUT_DIR) / RESULTS_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)  # a trial is either finished (results.json exists) or not
+    # A trial is either finished (results.json exists, whole) or not.
+    atomic_write(path, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
     return path
 
 
