@@ -144,7 +144,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.start_epoch = 0
         self.last_saved: Path | None = None
-        self.history: list[dict[str, float]] = []  # per-epoch mean metrics
+        # per epoch: mean metrics, lr, seconds, images_per_s (+ whatever epoch-end hooks add);
+        # per log point: the window's mean metrics. Both are saved in checkpoints.
+        self.history: list[dict[str, float]] = []
+        self.log_points: list[dict[str, float]] = []
         self.writer = None
         if tensorboard_dir and is_main_process():
             from torch.utils.tensorboard import SummaryWriter
@@ -163,6 +166,8 @@ class Trainer:
             "config": self.config_yaml,
             "rng": capture_rng_state(),
             "format_version": FORMAT_VERSION,
+            "history": self.history,
+            "log_points": self.log_points,
             **self.extra_state(),
         }
 
@@ -183,22 +188,26 @@ class Trainer:
         if "rng" in checkpoint and not restore_rng_state(checkpoint["rng"]):
             logger.warning("world size changed since %s: RNG streams start afresh", path)
         self.start_epoch = int(checkpoint["epoch"])
+        self.history = list(checkpoint.get("history", []))
+        self.log_points = list(checkpoint.get("log_points", []))
         self.last_saved = Path(path)
         logger.info("resumed from %s (epoch %d done)", path, self.start_epoch)
         return checkpoint
 
     # ----------------------------------------------------------------- training
     def train(self, *, epoch_end_hooks: Iterable[Callable[[int], None]] = ()) -> None:
+        """Train the remaining epochs. Hooks run after each epoch, before its checkpoint is saved,
+        so what they add to ``history[-1]`` (e.g. a kNN accuracy) is saved with it."""
         hooks = list(epoch_end_hooks)
         for epoch in range(self.start_epoch, self.epochs):
             self.train_one_epoch(epoch)
+            for hook in hooks:
+                hook(epoch)
             if (epoch + 1) % self.checkpoint_period == 0 or epoch + 1 == self.epochs:
                 state = self.state(epoch)  # every rank takes part (RNG gather)
                 if is_main_process():
                     logger.info("saved %s", self.checkpointer.save(state, epoch=epoch))
                 self.last_saved = self.checkpointer.path_for(epoch)  # on every rank
-            for hook in hooks:
-                hook(epoch)
         if self.writer:
             self.writer.close()
 
@@ -226,6 +235,7 @@ class Trainer:
             file=sys.stdout,
         )
         epoch_sums: dict[str, torch.Tensor] = {}
+        epoch_start = time.perf_counter()
         window_sums: dict[str, torch.Tensor] = {}
         window_start, window_images, window_iters = time.perf_counter(), 0, 0
         # range first: zip stops before fetching a batch that would not be used.
@@ -255,8 +265,9 @@ class Trainer:
                 bar.set_postfix(
                     {**{k: f"{v:.4g}" for k, v in means.items()}, "img/s": f"{speed:.0f}"}
                 )
+                step = epoch * num_iters + it + 1
+                self.log_points.append({"iteration": step, **means, "lr": lr})
                 if self.writer:
-                    step = epoch * num_iters + it + 1
                     for name, value in means.items():
                         self.writer.add_scalar(f"train/{name}", value, step)
                     self.writer.add_scalar("train/lr", lr, step)
@@ -269,7 +280,9 @@ class Trainer:
                 )
         bar.close()
         summary = {k: float(all_reduce_mean(v / num_iters)) for k, v in epoch_sums.items()}
-        summary["lr"] = lr
+        seconds = time.perf_counter() - epoch_start
+        summary.update(lr=lr, seconds=seconds)
+        summary["images_per_s"] = num_iters * self.loader.batch_size * get_world_size() / seconds
         self.history.append({"epoch": epoch + 1, **summary})
         logger.info(
             "epoch %d/%d: %s",

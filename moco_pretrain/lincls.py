@@ -182,21 +182,20 @@ def write_results(
     *,
     task: str,
     metrics: dict[str, float],
-    weights: BackboneWeights,
     cfg: CfgNode,
+    weights: BackboneWeights | None = None,
     **extra: Any,
 ) -> Path:
-    """``results.json``: ``task``, ``metrics``, ``checkpoint`` path and ``checkpoint_sha256`` of
-    the pretrained weights, its ``layout``, the resolved ``config`` and any ``extra`` entries."""
-    result = {
-        "task": task,
-        "metrics": metrics,
-        "checkpoint": str(Path(weights.meta["path"]).resolve()),
-        "checkpoint_sha256": weights.meta["sha256"],
-        "layout": weights.layout,
-        "config": yaml.safe_load(cfg.dump()),
-        **extra,
-    }
+    """``results.json``: ``task``, ``metrics``, the resolved ``config``, any ``extra`` entries and,
+    for pretrained ``weights``, their ``checkpoint`` path, ``checkpoint_sha256`` and ``layout``."""
+    result: dict[str, Any] = {"task": task, "metrics": metrics}
+    if weights is not None:
+        result.update(
+            checkpoint=str(Path(weights.meta["path"]).resolve()),
+            checkpoint_sha256=weights.meta["sha256"],
+            layout=weights.layout,
+        )
+    result.update(config=yaml.safe_load(cfg.dump()), **extra)
     path = Path(output_dir) / RESULTS_FILE
     atomic_write(path, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
     return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -169,24 +168,25 @@ def run_pretraining(cfg: CfgNode, *, resume: str | None = None) -> dict[str, Any
     if resume:
         trainer.resume(resume)
 
-    knn_history: list[dict[str, float]] = []
-
     def knn_monitor(epoch: int) -> None:
         period = cfg.KNN.MONITOR_PERIOD
         if period > 0 and ((epoch + 1) % period == 0 or epoch + 1 == cfg.SOLVER.EPOCHS):
             top1 = knn_metrics_of(backbone_of(model, cfg), cfg, device)[0]["top1"]
-            knn_history.append({"epoch": epoch + 1, "knn_top1": top1})
+            trainer.history[-1]["knn_top1"] = top1  # saved with the epoch's checkpoint
             logger.info("epoch %d: kNN top-1 %.2f %%", epoch + 1, top1)
             if trainer.writer:
                 trainer.writer.add_scalar("epoch/knn_top1", top1, epoch + 1)
 
-    start = time.perf_counter()
     trainer.train(epoch_end_hooks=[knn_monitor])
+    knn_history = [
+        {"epoch": h["epoch"], "knn_top1": h["knn_top1"]} for h in trainer.history if "knn_top1" in h
+    ]
     summary: dict[str, Any] = {
         "checkpoint": str(trainer.last_saved) if trainer.last_saved else None,
-        "epochs": trainer.history,
+        "epochs": trainer.history,  # every epoch, also those before a resume
         "knn": knn_history,
-        "train_seconds": time.perf_counter() - start,
+        "iterations": trainer.log_points,
+        "train_seconds": sum(h.get("seconds", 0.0) for h in trainer.history),
         "skipped_images": num_skipped_images(loader.dataset),
     }
     if cfg.KNN.FINAL:

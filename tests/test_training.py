@@ -85,15 +85,17 @@ def test_killed_run_resumes_exactly(tiny_imagefolder, tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "train_one_epoch", original)
     resumed = run_pretraining(tiny_cfg(tiny_imagefolder, tmp_path / "b"))  # auto-resume
 
-    assert [e["epoch"] for e in resumed["epochs"]] == [2]
-    assert resumed["epochs"][0]["loss"] == uninterrupted["epochs"][1]["loss"]
+    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]  # epoch 1 from the checkpoint
+    for before, after in zip(uninterrupted["epochs"], resumed["epochs"], strict=True):
+        assert before["loss"] == after["loss"] and before["acc1"] == after["acc1"]
     final_a = load_checkpoint(uninterrupted["checkpoint"])["state_dict"]
     final_b = load_checkpoint(resumed["checkpoint"])["state_dict"]
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)  # queue and pointer too
 
 
 def test_official_checkpoint_layout_resumes(tiny_imagefolder, tmp_path):
-    """A checkpoint with only the official keys (epoch, arch, state_dict, optimizer) resumes."""
+    """A checkpoint with only the official keys (epoch, arch, state_dict, optimizer) resumes
+    (without a history: the summary starts at the resumed epoch)."""
     first = run_pretraining(tiny_cfg(tiny_imagefolder, tmp_path / "a", "SOLVER.EPOCHS", "1"))
     full = load_checkpoint(first["checkpoint"])
     official = tmp_path / "official.pth.tar"
@@ -232,3 +234,20 @@ def test_knn_monitor_and_tensorboard(tiny_imagefolder, tmp_path):
     assert 0.0 <= summary["knn_top1_random_init"] <= 100.0
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert "kNN top-1" in (tmp_path / "log.txt").read_text()
+
+
+def test_resumed_run_reports_every_epoch(tiny_imagefolder, tmp_path):
+    """History, per-log-point losses and kNN results are saved in checkpoints: a run resumed after
+    epoch 1 reports both epochs, as the uninterrupted run does."""
+    options = ("KNN.MONITOR_PERIOD", "1", "KNN.K", "5", "TRAIN.LOG_PERIOD", "2")
+    first = run_pretraining(tiny_cfg(tiny_imagefolder, tmp_path, *options, "SOLVER.EPOCHS", "1"))
+    resumed = run_pretraining(tiny_cfg(tiny_imagefolder, tmp_path, *options, "SOLVER.EPOCHS", "2"))
+    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]
+    assert resumed["epochs"][0] == first["epochs"][0]
+    assert [e["epoch"] for e in resumed["knn"]] == [1, 2]
+    assert resumed["knn"][0] == first["knn"][0]
+    iterations = [p["iteration"] for p in resumed["iterations"]]
+    assert iterations[: len(first["iterations"])] == [p["iteration"] for p in first["iterations"]]
+    assert iterations == sorted(iterations) and len(iterations) == 2 * len(first["iterations"])
+    assert all(e["seconds"] > 0 and e["images_per_s"] > 0 for e in resumed["epochs"])
+    assert resumed["train_seconds"] == pytest.approx(sum(e["seconds"] for e in resumed["epochs"]))

@@ -36,7 +36,6 @@ import functools
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -57,6 +56,7 @@ from moco_pretrain.gpu_augment import (
     build_device_augment,
     device_augment_step,
 )
+from moco_pretrain.machine import describe_machine
 from moco_pretrain.models import build_resnet
 from moco_pretrain.pretrain import (
     build_moco,
@@ -328,7 +328,7 @@ def benchmark(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
     ]
     return {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": machine(device),
+        "machine": describe_machine(device),
         "config": {
             "mode": args.mode,
             "aug": args.aug if args.mode == "e2e" else None,
@@ -354,23 +354,6 @@ def benchmark(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
             "peak_memory": memory_ratio,
         },
     }
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    return {
-        "device": device.type,
-        "name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }  # fmt: skip
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -1,0 +1,101 @@
+"""tools/fashion_mnist_study.py end to end on a tiny Fashion-MNIST-format IDX set."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "fashion_mnist_study.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("fashion_mnist_study", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape
+    )
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def tiny_fashion_mnist(tmp_path_factory) -> Path:
+    """10 classes x 8 train / 4 test images, 28x28: class c is a bright band at rows 2c..2c+6."""
+    root = tmp_path_factory.mktemp("fashion_mnist")
+    rng = np.random.default_rng(0)
+    for prefix, per_class in (("train", 8), ("t10k", 4)):
+        labels = np.repeat(np.arange(10), per_class)
+        images = rng.integers(0, 60, size=(len(labels), 28, 28))
+        for i, c in enumerate(labels):
+            images[i, 2 * c : 2 * c + 6] += 180
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+SMALL = [
+    "SOLVER.EPOCHS", "1", "SOLVER.BATCH_SIZE", "16", "MODEL.BN_SPLITS", "2",
+    "DATA.NUM_WORKERS", "0", "KNN.BATCH_SIZE", "40",
+]  # fmt: skip
+
+
+def test_study_runs_every_comparison_and_resumes(study, tiny_fashion_mnist, tmp_path):
+    work, output = tmp_path / "work", tmp_path / "results"
+    argv = ["--work-dir", str(work), "--output", str(output), "DATA.ROOT", str(tiny_fashion_mnist)]
+    study.main([*argv, *SMALL])
+    results = json.loads((output / "results.json").read_text())
+
+    accuracies = [
+        results["raw_pixels_knn_top1"], results["random_init"]["knn_top1"],
+        results["random_init"]["linear_top1"], results["moco"]["knn_top1"],
+        results["moco"]["linear_top1"], results["supervised"]["top1"],
+        results["supervised"]["knn_top1"],
+        *(run["knn_top1"] for run in results["ablations"]["runs"].values()),
+    ]  # fmt: skip
+    assert all(0.0 <= a <= 100.0 for a in accuracies)
+    # the bands are far apart in pixel space: raw-pixel kNN separates the classes
+    assert results["raw_pixels_knn_top1"] == 100.0
+    assert list(results["ablations"]["runs"]) == list(study.ABLATIONS)
+    for i, (name, overrides) in enumerate(study.ABLATIONS.items()):
+        config = yaml.safe_load((work / "ablations" / f"run_{i}" / "config.yaml").read_text())
+        for key, value in zip(overrides[::2], overrides[1::2], strict=True):
+            section, option = key.split(".")
+            assert str(config[section][option]) == value, (name, key)
+        assert config["KNN"]["K"] == 20 and config["SOLVER"]["EPOCHS"] == 1
+        assert results["ablations"]["runs"][name]["iterations"]
+    assert results["machine"]["device"] == "cpu"
+    for png in ("curves.png", "ablations.png"):
+        assert (output / png).read_bytes().startswith(b"\x89PNG")
+    tables = (output / "tables.md").read_text()
+    assert all(name in tables for name in study.ABLATIONS)
+
+    # a second call reads every finished run back: nothing retrains, same figures
+    checkpoints = {p: p.stat().st_mtime_ns for p in work.rglob("checkpoint_*.pth.tar")}
+    study.main([*argv, *SMALL])
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("checkpoint_*.pth.tar")} == checkpoints
+    again = json.loads((output / "results.json").read_text())
+    assert {k: v for k, v in again.items() if k != "command"} == {
+        k: v for k, v in results.items() if k != "command"
+    }
+
+
+def test_crossover_is_the_first_epoch_above_the_level(study):
+    summary = {
+        "epochs": [{"epoch": e} for e in (1, 2, 3, 4)],
+        "train_seconds": 480.0,  # 2 minutes per epoch
+        "knn": [{"epoch": 2, "knn_top1": 70.0}, {"epoch": 4, "knn_top1": 85.0}],
+    }
+    assert study.crossover(summary, 80.0) == {"epoch": 4, "knn_top1": 85.0, "minutes": 8.0}
+    assert study.crossover(summary, 90.0) is None
