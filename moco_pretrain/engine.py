@@ -235,7 +235,7 @@ class Trainer:
             file=sys.stdout,
         )
         epoch_sums: dict[str, torch.Tensor] = {}
-        epoch_start = time.perf_counter()
+        epoch_start, epoch_images = time.perf_counter(), 0
         window_sums: dict[str, torch.Tensor] = {}
         window_start, window_images, window_iters = time.perf_counter(), 0, 0
         # range first: zip stops before fetching a batch that would not be used.
@@ -256,6 +256,7 @@ class Trainer:
                 window_sums[name] = window_sums.get(name, 0) + value
                 epoch_sums[name] = epoch_sums.get(name, 0) + value
             window_images += _batch_size(batch) * get_world_size()
+            epoch_images += _batch_size(batch) * get_world_size()
             window_iters += 1
             bar.update(1)
             if (it + 1) % self.log_period == 0 or it + 1 == num_iters:
@@ -282,7 +283,7 @@ class Trainer:
         summary = {k: float(all_reduce_mean(v / num_iters)) for k, v in epoch_sums.items()}
         seconds = time.perf_counter() - epoch_start
         summary.update(lr=lr, seconds=seconds)
-        summary["images_per_s"] = num_iters * self.loader.batch_size * get_world_size() / seconds
+        summary["images_per_s"] = epoch_images / seconds
         self.history.append({"epoch": epoch + 1, **summary})
         logger.info(
             "epoch %d/%d: %s",

@@ -19,7 +19,8 @@ from transfer.train_net import Trainer  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
 YAMLS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
-ROWS = [n for n in YAMLS if not n.startswith(("Base-", "instant_test"))]
+STUDIES = [n for n in YAMLS if n.startswith("deepforest_")]  # tools/deepforest_study.py
+ROWS = [n for n in YAMLS if not n.startswith(("Base-", "instant_test", "deepforest_"))]
 TORCHVISION_MEAN = [123.675, 116.280, 103.530]
 BENCHMARKS = {"pascal_voc_R_50_C4_24k"} | {
     f"coco_R_50_{m}_{s}" for m in ("C4", "FPN") for s in ("1x", "2x")
@@ -36,7 +37,7 @@ def _load(name: str):
 
 
 def test_there_are_four_inits_per_benchmark():
-    assert len(YAMLS) == 24
+    assert len(YAMLS) == 24 + len(STUDIES)
     assert set(ROWS) == {f"{b}{s}.yaml" for b in BENCHMARKS for s in SUFFIX.values()}
 
 
@@ -85,8 +86,30 @@ def test_initialisation_rows(name):
 
 def test_readme_gives_a_command_for_every_row():
     readme = (CONFIGS / "README.md").read_text()
-    missing = [n for n in ROWS + [n for n in YAMLS if n.startswith("instant")] if n not in readme]
+    missing = [
+        n for n in ROWS + STUDIES + [n for n in YAMLS if n.startswith("instant")] if n not in readme
+    ]
     assert not missing
+
+
+def test_deepforest_rows_differ_only_in_the_initialisation():
+    assert STUDIES == ["deepforest_R_50_C4_moco.yaml", "deepforest_R_50_C4_random.yaml"]
+    moco, random = (_load(n) for n in STUDIES)
+    assert (moco.MOCO.INIT, random.MOCO.INIT) == ("moco", "random")
+    assert moco.MOCO.CHECK_BACKBONE_WEIGHTS and not random.MOCO.CHECK_BACKBONE_WEIGHTS
+    assert moco.MODEL.WEIGHTS == random.MODEL.WEIGHTS == ""  # the study passes the .pkl
+    for cfg in (moco, random):
+        cfg.MOCO.INIT = "moco"
+        cfg.MOCO.CHECK_BACKBONE_WEIGHTS = True
+    assert moco.dump() == random.dump()
+    assert moco.MODEL.ROI_HEADS.NUM_CLASSES == 1 and moco.MOCO.DATASETS.VOC_CLASSES == ["tree"]
+    assert moco.DATASETS.TRAIN == ("deepforest_train",) and moco.DATASETS.TEST == (
+        "deepforest_test",
+    )
+    assert [name for name, _, _ in moco.MOCO.DATASETS.VOC] == [
+        "deepforest_train",
+        "deepforest_test",
+    ]
 
 
 def test_dataset_registration_is_idempotent_and_checks_paths(tmp_path):
