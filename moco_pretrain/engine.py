@@ -255,8 +255,9 @@ class Trainer:
                 value = value.detach().float()
                 window_sums[name] = window_sums.get(name, 0) + value
                 epoch_sums[name] = epoch_sums.get(name, 0) + value
-            window_images += _batch_size(batch) * get_world_size()
-            epoch_images += _batch_size(batch) * get_world_size()
+            images = _batch_size(batch) * get_world_size()
+            window_images += images
+            epoch_images += images
             window_iters += 1
             bar.update(1)
             if (it + 1) % self.log_period == 0 or it + 1 == num_iters:
