@@ -8,6 +8,7 @@ Layout (the official ``main_moco.py`` keys first): ``epoch`` (epochs completed),
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -49,6 +50,11 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    """``data`` as indented JSON through :func:`atomic_write` (results, summaries, markers)."""
+    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

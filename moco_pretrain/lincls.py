@@ -28,7 +28,6 @@ Deviations from the official script, on purpose:
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from fvcore.common.config import CfgNode
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import atomic_save, atomic_write, load_checkpoint, with_ddp_prefix
+from .checkpoint import atomic_save, atomic_write_json, load_checkpoint, with_ddp_prefix
 from .data import (
     build_dataset,
     build_eval_loader,
@@ -197,7 +196,7 @@ def write_results(
         )
     result.update(config=yaml.safe_load(cfg.dump()), **extra)
     path = Path(output_dir) / RESULTS_FILE
-    atomic_write(path, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+    atomic_write_json(path, result)
     return path
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .builder import MoCo
+from .checkpoint import atomic_write_json
 from .data import (
     build_dataset,
     build_eval_loader,
@@ -186,7 +186,7 @@ def run_pretraining(cfg: CfgNode, *, resume: str | None = None) -> dict[str, Any
         "epochs": trainer.history,  # every epoch, also those before a resume
         "knn": knn_history,
         "iterations": trainer.log_points,
-        "train_seconds": sum(h.get("seconds", 0.0) for h in trainer.history),
+        "train_seconds": sum(h["seconds"] for h in trainer.history),
         "skipped_images": num_skipped_images(loader.dataset),
     }
     if cfg.KNN.FINAL:
@@ -198,5 +198,5 @@ def run_pretraining(cfg: CfgNode, *, resume: str | None = None) -> dict[str, Any
         random_init = build_backbone(cfg.MODEL.ARCH, small_stem=cfg.MODEL.SMALL_STEM).to(device)
         summary["knn_top1_random_init"] = knn_metrics_of(random_init, cfg, device)[0]["top1"]
     if is_main_process():
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_json(output_dir / "summary.json", summary)  # whole, or absent
     return summary

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from moco_pretrain.checkpoint import atomic_write_json
 from moco_pretrain.config import setup_cfg
 from moco_pretrain.machine import describe_machine
 from moco_pretrain.pretrain import run_pretraining
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     report.main([*rows, "--output", str(args.output), "--random", ROWS["random"]])
     summary["machine"] = describe_machine()
     summary["command"] = " ".join(sys.argv)
-    (args.output / "study.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(args.output / "study.json", summary)
 
 
 if __name__ == "__main__":

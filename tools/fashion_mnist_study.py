@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moco_pretrain.checkpoint import atomic_save, atomic_write
+from moco_pretrain.checkpoint import atomic_save, atomic_write_json
 from moco_pretrain.cli.knn import run_knn
 from moco_pretrain.config import setup_cfg
 from moco_pretrain.data import build_dataset
@@ -66,11 +66,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
-
-
 def raw_pixel_knn(recipe: str, work: Path, opts: list[str]) -> float:
     """kNN top-1 on the 784 raw pixels (cosine, k=20, T=0.1), train split -> test split."""
     path = work / "raw_pixels.json"
@@ -88,7 +83,8 @@ def raw_pixel_knn(recipe: str, work: Path, opts: list[str]) -> float:
             bank, bank_labels, test, test_labels, num_classes=10, k=cfg.KNN.K, temperature=cfg.KNN.T
         )
         done = {"task": "knn", "metrics": metrics, "features": "raw pixels", "k": cfg.KNN.K}
-        _write_json(path, done)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, done)
     return done["metrics"]["top1"]
 
 
@@ -276,10 +272,11 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     results = run_study(args.budget, args.work_dir, args.opts)
     args.output.mkdir(parents=True, exist_ok=True)
-    _write_json(args.output / "results.json", results)
-    (args.output / "tables.md").write_text(render_markdown(results))
+    atomic_write_json(args.output / "results.json", results)
+    tables = render_markdown(results)
+    (args.output / "tables.md").write_text(tables)
     render_plots(results, args.output)
-    print(render_markdown(results))
+    print(tables)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import json
-import math
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Sequence
@@ -34,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+from moco_pretrain.checkpoint import atomic_write_json
 
 __all__ = [
     "CLASSES",
@@ -226,11 +226,5 @@ def build_deepforest_voc(output: str | Path, source: str | Path | None = None) -
                 summary["patches"] += _write_patches(patches_dir, tile, image)
     for split, names in ids.items():
         (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
-    (root / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(root / "summary.json", summary)  # last: it marks a finished tree
     return summary
-
-
-def box_size_quantiles(boxes: Sequence[Box], quantiles: Sequence[float]) -> list[float]:
-    """Quantiles of sqrt(box area) in pixels (to choose anchor sizes)."""
-    sides = sorted(math.sqrt((b.xmax - b.xmin) * (b.ymax - b.ymin)) for b in boxes)
-    return [sides[min(len(sides) - 1, int(q * len(sides)))] for q in quantiles]

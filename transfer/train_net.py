@@ -21,7 +21,6 @@ registration, trials and ``results.json`` are additions. Training itself is dete
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from functools import partial
@@ -37,7 +36,7 @@ from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from moco_pretrain.checkpoint import atomic_write
+from moco_pretrain.checkpoint import atomic_write_json
 from moco_pretrain.cli.common import exit_on_user_error
 from moco_pretrain.config import resolve_config_file
 from moco_pretrain.lincls import RESULTS_FILE  # one results.json layout for every task
@@ -123,7 +122,7 @@ def write_results(cfg: CfgNode, results: dict[str, Any], *, trial: int) -> Path:
     }
     path = Path(cfg.OUTPUT_DIR) / RESULTS_FILE
     # A trial is either finished (results.json exists, whole) or not.
-    atomic_write(path, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+    atomic_write_json(path, result)
     return path
 
 
