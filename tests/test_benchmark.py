@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "benchmark_pretrain.py"
+from tests.tool_loader import load_tool
+
 SMALL = [
     "MODEL.ARCH",
     "resnet18",
@@ -24,10 +23,7 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("benchmark_pretrain", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("benchmark_pretrain")
 
 
 def _check_report(report: dict, tool) -> None:

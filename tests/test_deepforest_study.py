@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
-from pathlib import Path
 
 import pytest
 
 from tests.test_deepforest import write_fake_scenes
+from tests.tool_loader import load_tool
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "deepforest_study.py"
 PRETRAIN = (
     "DATA.IMAGE_SIZE 32 SOLVER.EPOCHS 1 SOLVER.BATCH_SIZE 8 MODEL.K 16 MODEL.BN_SPLITS 2 "
     "DATA.NUM_WORKERS 0"
@@ -26,9 +24,7 @@ FINE_TUNE = shlex.split(
 
 def test_study_fine_tunes_both_inits_over_trials_and_reports(tmp_path):
     pytest.importorskip("detectron2", reason="detectron2 is not installed")
-    spec = importlib.util.spec_from_file_location("deepforest_study", TOOL)
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = load_tool("deepforest_study")
 
     source = write_fake_scenes(tmp_path / "source")
     work, output = tmp_path / "work", tmp_path / "results"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,15 +10,12 @@ import numpy as np
 import pytest
 import yaml
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "fashion_mnist_study.py"
+from tests.tool_loader import load_tool
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("fashion_mnist_study", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("fashion_mnist_study")
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
