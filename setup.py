@@ -28,8 +28,11 @@ setup(
     packages=find_packages(include=["moco_pretrain", "moco_pretrain.*", "transfer", "transfer.*"]),
     package_data={"moco_pretrain": ["_configs/*/*.yaml"]},
     install_requires=[
-        "torch>=2.1",
-        "torchvision>=0.16",
+        # torch 2.4 is the first release whose SGD(fused=True) runs on CPU (2.3.1's
+        # _get_fused_kernels_supported_devices() has no "cpu"); torch.amp.GradScaler(device) is
+        # from 2.3; torchvision 0.19 is 2.4's. The training tests pass on 2.4.0 + 0.19.0.
+        "torch>=2.4",
+        "torchvision>=0.19",
         "fvcore>=0.1.5",
         "iopath>=0.1.9",
         "yacs>=0.1.8",

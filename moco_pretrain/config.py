@@ -7,10 +7,12 @@ Defaults are MoCo v1 on ImageNet (ResNet-50, 200 epochs), as in the official ``m
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
 from fvcore.common.config import CfgNode as CN
 
 _C = CN()
@@ -102,26 +104,84 @@ def resolve_config_file(name: str) -> Path:
 
 
 def setup_cfg(config_file: str | None, opts: list[str] | None = None) -> CN:
-    """Defaults, merged with ``config_file`` then ``opts`` (``KEY VALUE`` pairs); frozen."""
+    """Defaults, merged with ``config_file`` then ``opts`` (``KEY VALUE`` pairs); validated, frozen."""
     cfg = get_cfg()
     if config_file:
         path = resolve_config_file(config_file)
         with _config_errors(str(path)):
+            _check_is_mapping(path)
             cfg.merge_from_file(str(path))
     if opts:
         if len(opts) % 2:
             raise ValueError(f"overrides must be KEY VALUE pairs, got an odd number: {opts}")
         with _config_errors("command line"):
             cfg.merge_from_list(opts)
+    validate(cfg)
     cfg.freeze()
     return cfg
 
 
+# Keys that name one of a few choices, and the choices.
+CHOICES = {
+    "DATA.NAME": ("imagefolder", "fashion_mnist"),
+    "DATA.AUG": ("v1", "v2"),
+    "SOLVER.LR_SCHEDULE": ("step", "cos"),
+    "TRAIN.AMP_DTYPE": ("bf16", "fp16", ""),
+}
+# Keys that count something and need at least one of it.
+POSITIVE = ("SOLVER.BATCH_SIZE", "MODEL.K", "MODEL.BN_SPLITS")
+
+
+def validate(cfg: CN) -> None:
+    """Reject values that cannot run, before any work starts: one ``ValueError`` naming them all."""
+    problems = []
+    for key in POSITIVE:
+        value = _value(cfg, key)
+        if value < 1:
+            problems.append(f"{key} is {value}, expected at least 1")
+    for key, choices in CHOICES.items():
+        value = _value(cfg, key)
+        if value not in choices:
+            problems.append(f"{key} is {value!r}, expected one of {choices}")
+    if problems:
+        raise ValueError(f"invalid config: {'; '.join(problems)}")
+
+
+def _value(cfg: CN, key: str):
+    """``cfg.SOLVER.BATCH_SIZE`` for ``key="SOLVER.BATCH_SIZE"``."""
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+def _check_is_mapping(path: Path) -> None:
+    """A recipe is a mapping (fvcore fails on an empty file or a list with a bare TypeError)."""
+    with path.open(encoding="utf-8") as stream:
+        document = yaml.safe_load(stream)
+    if not isinstance(document, dict):
+        got = "an empty file" if document is None else f"a YAML {type(document).__name__}"
+        raise ValueError(f"expected a mapping of config keys such as 'SOLVER:', got {got}")
+
+
+def _yaml_error_line(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report as ``file:line:column: problem (context at line:column)``."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:  # errors without a position (e.g. undecodable bytes): their text, on one line
+        return " ".join(str(err).split())
+    line = f"{mark.name}:{mark.line + 1}:{mark.column + 1}: {err.problem}"
+    if err.context:
+        opened = err.context_mark
+        where = f" at {opened.line + 1}:{opened.column + 1}" if opened else ""
+        line += f" ({err.context}{where})"
+    return line
+
+
 @contextmanager
 def _config_errors(source: str) -> Iterator[None]:
-    """Turn yacs' bare KeyError/AssertionError/ValueError into one line naming the source."""
+    """Turn YAML syntax errors and yacs' bare KeyError/AssertionError/ValueError into one line
+    naming the source (a YAML error names the file, as ``_BASE_`` recipes may hold it)."""
     try:
         yield
+    except yaml.YAMLError as err:
+        raise ValueError(_yaml_error_line(err)) from None
     except (KeyError, AssertionError, ValueError) as err:
-        message = err.args[0] if err.args else repr(err)
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
         raise ValueError(f"invalid config ({source}): {message}") from None

@@ -93,7 +93,7 @@ def test_crop_sampler_matches_torchvision_distribution():
     # 0.053 is the 0.1 % critical KS distance for samples of 4000 and 2000
     for stat in (area, aspect, centre_x):
         assert _ks_distance(stat(ours), stat(ref)) < 0.053
-    assert area(ours).mean() == pytest.approx(area(ref).mean(), abs=0.02)
+    assert area(ours).mean().item() == pytest.approx(area(ref).mean().item(), abs=0.02)
 
 
 def test_crop_sampler_fallback_is_torchvision_central_crop():

@@ -1,0 +1,107 @@
+"""Config errors: one line naming the file and position or the keys, exit status 2 from every CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from moco_pretrain.cli import knn, lincls, pretrain
+from moco_pretrain.config import setup_cfg
+
+UNCLOSED_LIST = "MODEL:\n  QUEUE: [unclosed\n"
+UNCLOSED_LIST_ERROR = (
+    "3:1: expected ',' or ']', but got '<stream end>' (while parsing a flow sequence at 2:10)"
+)
+
+
+def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text(UNCLOSED_LIST)
+    result = subprocess.run(
+        [sys.executable, "-m", "moco_pretrain.cli.pretrain", "--config-file", str(recipe)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == f"moco-pretrain: error: {recipe}:{UNCLOSED_LIST_ERROR}\n"
+    assert result.stdout == ""
+
+
+def test_yaml_error_in_a_base_recipe_names_the_base_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("SOLVER:\n  EPOCHS: 2\n   BATCH_SIZE: 8\n")
+    (tmp_path / "child.yaml").write_text('_BASE_: "base.yaml"\n')
+    with pytest.raises(ValueError) as error:
+        setup_cfg(str(tmp_path / "child.yaml"))
+    assert str(error.value) == f"{tmp_path / 'base.yaml'}:3:14: mapping values are not allowed here"
+
+
+@pytest.mark.parametrize(
+    ("text", "got"), [("", "an empty file"), ("- SOLVER\n", "a YAML list"), ("v2\n", "a YAML str")]
+)
+def test_recipe_that_is_not_a_mapping_is_named(tmp_path, text, got):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    with pytest.raises(ValueError) as error:
+        setup_cfg(str(recipe))
+    assert str(error.value) == (
+        f"invalid config ({recipe}): expected a mapping of config keys such as 'SOLVER:', got {got}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        (["SOLVER.BATCH_SIZE", "0"], "SOLVER.BATCH_SIZE is 0, expected at least 1"),
+        (["SOLVER.BATCH_SIZE", "-256"], "SOLVER.BATCH_SIZE is -256, expected at least 1"),
+        (["MODEL.K", "0"], "MODEL.K is 0, expected at least 1"),
+        (["MODEL.BN_SPLITS", "0"], "MODEL.BN_SPLITS is 0, expected at least 1"),
+        (
+            ["DATA.NAME", "cifar10"],
+            "DATA.NAME is 'cifar10', expected one of ('imagefolder', 'fashion_mnist')",
+        ),  # fmt: skip
+        (["DATA.AUG", "v3"], "DATA.AUG is 'v3', expected one of ('v1', 'v2')"),
+        (
+            ["SOLVER.LR_SCHEDULE", "cosine"],
+            "SOLVER.LR_SCHEDULE is 'cosine', expected one of ('step', 'cos')",
+        ),  # fmt: skip
+        (
+            ["TRAIN.AMP_DTYPE", "fp8"],
+            "TRAIN.AMP_DTYPE is 'fp8', expected one of ('bf16', 'fp16', '')",
+        ),  # fmt: skip
+    ],
+)
+def test_values_that_cannot_run_are_rejected_on_loading(overrides, problem):
+    with pytest.raises(ValueError) as error:
+        setup_cfg("pretrain/moco_v2_cpu_trial.yaml", overrides)
+    assert str(error.value) == f"invalid config: {problem}"
+
+
+def test_every_problem_is_named_in_the_same_line():
+    with pytest.raises(ValueError) as error:
+        setup_cfg(None, ["SOLVER.BATCH_SIZE", "0", "MODEL.K", "-1", "DATA.AUG", "v3"])
+    assert str(error.value) == (
+        "invalid config: SOLVER.BATCH_SIZE is 0, expected at least 1; MODEL.K is -1, expected at"
+        " least 1; DATA.AUG is 'v3', expected one of ('v1', 'v2')"
+    )
+
+
+@pytest.mark.parametrize(
+    ("main", "prog", "extra"),
+    [
+        (pretrain.main, "moco-pretrain", []),
+        (lincls.main, "moco-lincls", ["--pretrained", "unused.pth"]),
+        (knn.main, "moco-knn", ["--pretrained", "unused.pth"]),
+    ],
+)
+def test_every_command_exits_2_with_one_line(tmp_path, capsys, main, prog, extra):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text(UNCLOSED_LIST)
+    for argv, message in (
+        (["--config-file", str(recipe)], f"{recipe}:{UNCLOSED_LIST_ERROR}"),
+        (["SOLVER.BATCH_SIZE", "0"], "invalid config: SOLVER.BATCH_SIZE is 0, expected at least 1"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*extra, *argv])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f"{prog}: error: {message}\n"
