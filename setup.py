@@ -57,6 +57,7 @@ setup(
             "moco-convert=transfer.convert:main",
             "moco-transfer=transfer.train_net:main",
             "moco-report=transfer.report:main",
+            "moco-benchmark=transfer.benchmark:main",
         ]
     },
 )

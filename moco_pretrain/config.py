@@ -74,7 +74,7 @@ _C.TRAIN.LOG_PERIOD = 20  # iterations between log lines / TensorBoard points
 
 _C.KNN = CN()
 _C.KNN.MONITOR_PERIOD = 0  # >0: kNN top-1 on DATA.VAL_SPLIT every N epochs, logged
-_C.KNN.FINAL = False  # after training: kNN top-1 of the learned and of a random-init encoder
+_C.KNN.FINAL = False  # after training: kNN top-1 and linear probe, learned vs random-init encoder
 _C.KNN.K = 200  # neighbours (weighted kNN, Wu et al. 2018)
 _C.KNN.T = 0.07  # temperature of the neighbour weights
 _C.KNN.BANK_SIZE = 0  # >0: use only the first N training images as the feature bank

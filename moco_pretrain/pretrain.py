@@ -31,8 +31,9 @@ from .distributed import (
 )
 from .engine import build_trainer, logger, start_run, wrap_distributed
 from .gpu_augment import DecodeResize, build_device_augment, default_pre_size, device_augment_step
-from .knn import knn_evaluate
+from .knn import extract_features, knn_accuracy, knn_evaluate
 from .models import build_backbone, build_resnet
+from .probe import linear_probe
 from .schedules import scaled_lr
 
 
@@ -123,11 +124,13 @@ def backbone_of(model: MoCo, cfg: CfgNode) -> nn.Module:
 
 
 def knn_metrics_of(
-    backbone: nn.Module, cfg: CfgNode, device: torch.device
+    backbone: nn.Module, cfg: CfgNode, device: torch.device, *, probe: bool = False
 ) -> tuple[dict[str, float], int]:
     """Weighted kNN top-1/top-5 (%) on ``DATA.VAL_SPLIT`` with a bank from ``DATA.TRAIN_SPLIT``.
 
-    Returns the metrics and the number of bank images.
+    With ``probe``, also ``linear_top1``: a linear probe on the same features
+    (:func:`moco_pretrain.probe.linear_probe`), from one extraction. Returns the metrics and the
+    number of bank images.
     """
     bank = build_eval_loader(
         cfg,
@@ -136,12 +139,27 @@ def knn_metrics_of(
         max_samples=cfg.KNN.BANK_SIZE,
     )
     val = build_eval_loader(cfg, split=cfg.DATA.VAL_SPLIT, batch_size=cfg.KNN.BATCH_SIZE)
-    metrics = knn_evaluate(
-        backbone, bank, val, device=device, num_classes=num_classes_of(val.dataset), k=cfg.KNN.K,
-        temperature=cfg.KNN.T,
-        # An ImageNet bank (1.28M x 2048) is 5.2 GB in fp16; CPU banks stay fp32 (slow fp16 math).
-        feature_dtype=torch.float16 if device.type == "cuda" else torch.float32,
-    )  # fmt: skip
+    knn_options = {
+        "num_classes": num_classes_of(val.dataset),
+        "k": cfg.KNN.K,
+        "temperature": cfg.KNN.T,
+    }
+    if not probe:
+        metrics = knn_evaluate(
+            backbone, bank, val, device=device, **knn_options,
+            # An ImageNet bank (1.28M x 2048) is 5.2 GB in fp16; CPU banks stay fp32 (slow fp16).
+            feature_dtype=torch.float16 if device.type == "cuda" else torch.float32,
+        )  # fmt: skip
+        return metrics, len(bank.dataset)
+    bank_x, bank_y = extract_features(backbone, bank, device=device, normalize=False)  # [N, D]
+    val_x, val_y = extract_features(backbone, val, device=device, normalize=False)  # [M, D]
+    metrics = knn_accuracy(
+        F.normalize(bank_x, dim=1), bank_y, F.normalize(val_x, dim=1), val_y, **knn_options
+    )
+    probed = linear_probe(
+        bank_x, bank_y, val_x, val_y, num_classes=knn_options["num_classes"], seed=cfg.SEED
+    )
+    metrics["linear_top1"] = probed["top1"]
     return metrics, len(bank.dataset)
 
 
@@ -189,14 +207,13 @@ def run_pretraining(cfg: CfgNode, *, resume: str | None = None) -> dict[str, Any
         "train_seconds": sum(h["seconds"] for h in trainer.history),
         "skipped_images": num_skipped_images(loader.dataset),
     }
-    if cfg.KNN.FINAL:
-        if knn_history:  # the monitor already evaluated the final encoder
-            summary["knn_top1"] = knn_history[-1]["knn_top1"]
-        else:
-            summary["knn_top1"] = knn_metrics_of(backbone_of(model, cfg), cfg, device)[0]["top1"]
+    if cfg.KNN.FINAL:  # the learned and a random-init encoder, on the same features
         torch.manual_seed(cfg.SEED)
         random_init = build_backbone(cfg.MODEL.ARCH, small_stem=cfg.MODEL.SMALL_STEM).to(device)
-        summary["knn_top1_random_init"] = knn_metrics_of(random_init, cfg, device)[0]["top1"]
+        for suffix, encoder in (("", backbone_of(model, cfg)), ("_random_init", random_init)):
+            metrics = knn_metrics_of(encoder, cfg, device, probe=True)[0]
+            summary[f"knn_top1{suffix}"] = metrics["top1"]
+            summary[f"linear_top1{suffix}"] = metrics["linear_top1"]
     if is_main_process():
         atomic_write_json(output_dir / "summary.json", summary)  # whole, or absent
     return summary

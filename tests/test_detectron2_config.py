@@ -20,7 +20,12 @@ from transfer.train_net import Trainer  # noqa: E402
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
 YAMLS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 STUDIES = [n for n in YAMLS if n.startswith("deepforest_")]  # tools/deepforest_study.py
-ROWS = [n for n in YAMLS if not n.startswith(("Base-", "instant_test", "deepforest_"))]
+SCENES = [n for n in YAMLS if n.startswith("fashion_scenes_")]  # moco-benchmark
+ROWS = [
+    n
+    for n in YAMLS
+    if not n.startswith(("Base-", "instant_test", "deepforest_", "fashion_scenes_"))
+]
 TORCHVISION_MEAN = [123.675, 116.280, 103.530]
 BENCHMARKS = {"pascal_voc_R_50_C4_24k"} | {
     f"coco_R_50_{m}_{s}" for m in ("C4", "FPN") for s in ("1x", "2x")
@@ -37,7 +42,7 @@ def _load(name: str):
 
 
 def test_there_are_four_inits_per_benchmark():
-    assert len(YAMLS) == 24 + len(STUDIES)
+    assert len(YAMLS) == 24 + len(STUDIES) + len(SCENES)
     assert set(ROWS) == {f"{b}{s}.yaml" for b in BENCHMARKS for s in SUFFIX.values()}
 
 
@@ -87,7 +92,9 @@ def test_initialisation_rows(name):
 def test_readme_gives_a_command_for_every_row():
     readme = (CONFIGS / "README.md").read_text()
     missing = [
-        n for n in ROWS + STUDIES + [n for n in YAMLS if n.startswith("instant")] if n not in readme
+        n
+        for n in ROWS + STUDIES + SCENES + [n for n in YAMLS if n.startswith("instant")]
+        if n not in readme
     ]
     assert not missing
 
@@ -136,3 +143,46 @@ def test_dataset_registration_is_idempotent_and_checks_paths(tmp_path):
     MetadataCatalog.get("cfg_test_untyped").set(thing_classes=["x"])
     with pytest.raises(ValueError, match="'cfg_test_untyped' has evaluator_type None"):
         Trainer.build_evaluator(cfg, "cfg_test_untyped")
+
+
+def test_scene_rows_differ_only_in_the_initialisation_and_match_the_pretraining_input():
+    from moco_pretrain.config import setup_cfg
+
+    assert SCENES == [f"fashion_scenes_R_18_FPN_{s}.yaml" for s in ("moco", "random", "sup")]
+    moco, random, sup = (_load(n) for n in SCENES)
+    assert (moco.MOCO.INIT, random.MOCO.INIT, sup.MOCO.INIT) == ("moco", "random", "supervised")
+    assert [c.MOCO.CHECK_BACKBONE_WEIGHTS for c in (moco, random, sup)] == [True, False, True]
+    for cfg in (random, sup):
+        cfg.MOCO.INIT, cfg.MOCO.CHECK_BACKBONE_WEIGHTS = moco.MOCO.INIT, True
+        assert cfg == moco
+    for recipe in ("pretrain/fashion_mnist_demo.yaml", "supervised/fashion_mnist.yaml"):
+        data = setup_cfg(recipe, []).DATA
+        assert moco.MODEL.PIXEL_MEAN == pytest.approx([255 * m for m in data.MEAN], abs=0.01)
+        assert moco.MODEL.PIXEL_STD == pytest.approx([255 * s for s in data.STD], abs=0.01)
+    assert (moco.MODEL.RESNETS.DEPTH, moco.MODEL.MASK_ON, moco.INPUT.MASK_FORMAT) == (
+        18, True, "bitmask",
+    )  # fmt: skip
+
+
+def test_a_converted_resnet18_fills_every_backbone_tensor_of_the_scene_model(tmp_path):
+    import torch
+    import torchvision
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from moco_pretrain.weights import load_backbone_state_dict
+    from transfer.convert import convert_to_detectron2, write_detectron2_pkl
+    from transfer.preflight import load_verified
+
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    weights = tmp_path / "r18.pkl"
+    converted = convert_to_detectron2(
+        load_backbone_state_dict(tmp_path / "r18.pth"), arch="resnet18"
+    )
+    write_detectron2_pkl(converted, weights)
+    cfg = _load("fashion_scenes_R_18_FPN_moco.yaml")
+    model = Trainer.build_model(cfg)
+    load_verified(
+        model, lambda: DetectionCheckpointer(model).load(str(weights)), weights=str(weights)
+    )
+    stem = model.backbone.bottom_up.stem.conv1.weight
+    assert torch.equal(stem, torch.from_numpy(converted["model"]["stem.conv1.weight"]))

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -16,29 +13,6 @@ from tests.tool_loader import load_tool
 @pytest.fixture(scope="module")
 def study():
     return load_tool("fashion_mnist_study")
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(n).to_bytes(4, "big") for n in array.shape
-    )
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture(scope="module")
-def tiny_fashion_mnist(tmp_path_factory) -> Path:
-    """10 classes x 8 train / 4 test images, 28x28: class c is a bright band at rows 2c..2c+6."""
-    root = tmp_path_factory.mktemp("fashion_mnist")
-    rng = np.random.default_rng(0)
-    for prefix, per_class in (("train", 8), ("t10k", 4)):
-        labels = np.repeat(np.arange(10), per_class)
-        images = rng.integers(0, 60, size=(len(labels), 28, 28))
-        for i, c in enumerate(labels):
-            images[i, 2 * c : 2 * c + 6] += 180
-        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return root
 
 
 SMALL = [

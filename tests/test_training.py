@@ -232,6 +232,7 @@ def test_knn_monitor_and_tensorboard(tiny_imagefolder, tmp_path):
     assert all(0.0 <= entry["knn_top1"] <= 100.0 for entry in summary["knn"])
     assert summary["knn_top1"] == summary["knn"][-1]["knn_top1"]
     assert 0.0 <= summary["knn_top1_random_init"] <= 100.0
+    assert {"linear_top1", "linear_top1_random_init"} <= summary.keys()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert "kNN top-1" in (tmp_path / "log.txt").read_text()
 

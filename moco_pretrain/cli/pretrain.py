@@ -31,17 +31,27 @@ def print_summary(summary: dict, *, cfg) -> None:
             f"instance discrimination (contrastive top-1 of 1+K, last epoch): {last['acc1']:.1f} %"
             f" (chance {100 / (cfg.MODEL.K + 1):.3f} %)"
         )
-    if "knn_top1" in summary:
-        print(
-            f"kNN top-1 on the validation split: {summary['knn_top1']:.2f} % (MoCo)"
-            f" vs {summary['knn_top1_random_init']:.2f} % (random-init encoder)"
-        )
+    for key, name in (("knn_top1", "kNN top-1"), ("linear_top1", "linear probe top-1")):
+        if key in summary:
+            print(
+                f"{name} on the validation split: {summary[key]:.2f} % (MoCo)"
+                f" vs {summary[key + '_random_init']:.2f} % (random-init encoder)"
+            )
     if summary.get("skipped_images"):
         print(f"unreadable images skipped: {summary['skipped_images']}")
-    if summary["checkpoint"]:
+    if not summary["checkpoint"]:
+        return
+    fits_the_scenes = cfg.DATA.NAME == "fashion_mnist" and cfg.MODEL.ARCH == "resnet18"
+    if fits_the_scenes and not cfg.MODEL.SMALL_STEM:  # the backbone of fashion_scenes_R_18_FPN
+        print(
+            "next: the transfer benchmark (Fashion-MNIST scenes, detection and instance"
+            f" segmentation, MoCo vs supervised vs random init): moco-benchmark --pretrained"
+            f" {summary['checkpoint']}"
+        )
+    else:  # the detection configs (configs/detection/README.md) take any converted ResNet
         print(
             f"next: moco-convert {summary['checkpoint']} {cfg.OUTPUT_DIR}/moco_detectron2.pkl"
-            f" --arch {cfg.MODEL.ARCH}"
+            f" --arch {cfg.MODEL.ARCH}, then moco-transfer (configs/detection/README.md)"
         )
 
 

@@ -1,0 +1,246 @@
+"""``moco-benchmark``: the transfer benchmark on Fashion-MNIST scenes, end to end, in one command.
+
+    moco-benchmark                                   # quick start: 1 trial, short schedule
+    moco-benchmark --trials 3 --schedules short long # the committed study (results/fashion_scenes)
+
+The MoCo paper's Table 2 protocol, done small: one backbone per initialisation, the same Mask
+R-CNN R18-FPN fine-tuned from each (``detection/fashion_scenes_R_18_FPN_{sup,moco,random}.yaml``),
+several trials, box and mask AP on held-out scenes, mean ± std and differences. Steps, each read
+back when its output exists, so an interrupted run resumes where it stopped:
+
+1. the scenes (:mod:`transfer.scenes`): train/val from 1,300 labelled training garments, test from
+   the test set, COCO format;
+2. MoCo v2 on the 60k training images without labels (``pretrain/fashion_mnist_demo.yaml``, with
+   its kNN and linear probe of MoCo vs random-init features), or ``--pretrained CKPT``;
+3. the supervised baseline: the same ResNet-18 trained with the 60k labels
+   (``supervised/fashion_mnist.yaml``);
+4. ``moco-convert`` of both;
+5. ``moco-transfer`` per initialisation, schedule and trial (``--eval-split val`` evaluates on the
+   validation scenes instead, for choosing settings without looking at the test scenes);
+6. ``moco-report`` per schedule: table, CSV and chart.
+
+Without detectron2 it runs step 2, prints the feature-level comparison and how to install
+detectron2. ``KEY VALUE`` pairs after the options go to every fine-tune.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from moco_pretrain.checkpoint import Checkpointer, atomic_write_json
+from moco_pretrain.cli.common import exit_on_user_error
+from moco_pretrain.config import setup_cfg
+from moco_pretrain.data import FASHION_MNIST_DIR
+from moco_pretrain.lincls import RESULTS_FILE
+from moco_pretrain.weights import load_backbone_state_dict
+
+from . import report
+from .convert import convert_to_detectron2, write_detectron2_pkl
+from .scenes import SUMMARY_FILE, build_fashion_scenes, scene_datasets
+
+PRETRAIN_RECIPE = "pretrain/fashion_mnist_demo.yaml"
+SUPERVISED_RECIPE = "supervised/fashion_mnist.yaml"
+DETECTION_RECIPE = "detection/fashion_scenes_R_18_FPN_{init}.yaml"
+ARCH = "resnet18"
+ROWS = {"sup": "supervised", "moco": "MoCo v2", "random": "random init"}  # config suffix: label
+SCHEDULES = {"short": 1, "long": 3}  # factor on the config's SOLVER.MAX_ITER and SOLVER.STEPS
+DETECTRON2_INSTALL = (
+    "pip install 'setuptools<81' && pip install --no-build-isolation "
+    "'git+https://github.com/facebookresearch/detectron2.git'"
+)
+
+
+class Timer:
+    """Seconds spent per step, summed over resumed runs, in ``benchmark.json``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.record: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+        self.record.setdefault("seconds", {})
+
+    def run(self, step: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:  # an interrupted step keeps the time it spent
+            spent = time.perf_counter() - start + self.record["seconds"].get(step, 0.0)
+            self.record["seconds"][step] = round(spent, 1)
+            atomic_write_json(self.path, self.record)
+
+
+def pretrain(work: Path, opts: list[str], timer: Timer) -> dict[str, Any]:
+    from moco_pretrain.pretrain import run_pretraining
+
+    out = work / "moco"
+    if not (out / "summary.json").is_file():
+        cfg = setup_cfg(PRETRAIN_RECIPE, [*opts, "OUTPUT_DIR", str(out)])
+        timer.run("pretrain", run_pretraining, cfg)
+    return json.loads((out / "summary.json").read_text())
+
+
+def train_supervised(work: Path, opts: list[str], timer: Timer) -> Path:
+    """The supervised ResNet-18; returns its last checkpoint."""
+    from moco_pretrain.supervised import run_supervised
+
+    out = work / "supervised"
+    if not (out / RESULTS_FILE).is_file():
+        cfg = setup_cfg(SUPERVISED_RECIPE, [*opts, "OUTPUT_DIR", str(out)])
+        timer.run("supervised", run_supervised, cfg)
+    return Checkpointer(out).last_checkpoint()
+
+
+def convert(checkpoint: str | Path, path: Path) -> Path:
+    """Detectron2 weights of a ResNet-18 checkpoint; one line if it holds another architecture."""
+    if not path.is_file():
+        backbone = load_backbone_state_dict(checkpoint)
+        write_detectron2_pkl(convert_to_detectron2(backbone, arch=ARCH), path)
+    return path
+
+
+def check_scenes(scenes: Path, counts: dict[str, int]) -> None:
+    """Refuse to mix runs over scenes built from other garment counts."""
+    built = json.loads((scenes / SUMMARY_FILE).read_text())["counts"]
+    if built != counts:
+        raise ValueError(
+            f"{scenes} holds scenes built with {built}, not {counts}: choose another --work-dir"
+        )
+
+
+def scaled_schedule(init: str, factor: int, opts: list[str]) -> list[str]:
+    """``SOLVER.MAX_ITER`` / ``SOLVER.STEPS`` overrides: the config's (after ``opts``) x factor."""
+    from detectron2.config import get_cfg
+
+    from moco_pretrain.config import resolve_config_file
+
+    from .config import add_moco_config
+
+    cfg = get_cfg()
+    add_moco_config(cfg)
+    cfg.merge_from_file(str(resolve_config_file(DETECTION_RECIPE.format(init=init))))
+    cfg.merge_from_list(opts)
+    steps = tuple(s * factor for s in cfg.SOLVER.STEPS)
+    return ["SOLVER.MAX_ITER", str(cfg.SOLVER.MAX_ITER * factor), "SOLVER.STEPS", str(steps)]
+
+
+def fine_tune(
+    out: Path, init: str, *, scenes: Path, weights: Path | None, trials: int, split: str,
+    factor: int, opts: list[str],
+) -> None:  # fmt: skip
+    from . import train_net
+
+    argv = [
+        "--config-file", DETECTION_RECIPE.format(init=init), "--num-trials", str(trials),
+        "MOCO.DATASETS.COCO", str(scene_datasets(scenes)),
+        "DATASETS.TEST", f"('fashion_scenes_{split}',)", "OUTPUT_DIR", str(out),
+        *(["MODEL.WEIGHTS", str(weights)] if weights else []),
+        *opts, *scaled_schedule(init, factor, opts),
+    ]  # fmt: skip
+    train_net.main(argv)
+
+
+def print_features(summary: dict[str, Any]) -> None:
+    for key, name in (("knn_top1", "kNN"), ("linear_top1", "linear probe")):
+        if key in summary:
+            print(
+                f"Fashion-MNIST test, {name} top-1: MoCo {summary[key]:.2f} %,"
+                f" random-init encoder {summary[key + '_random_init']:.2f} %"
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moco-benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--work-dir", type=Path, default=Path("output/fashion_scenes"))
+    parser.add_argument(
+        "--data-root", type=Path, default=None,
+        help=f"Fashion-MNIST IDX folder (default: {FASHION_MNIST_DIR})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--labelled", type=int, default=1000,
+        help="labelled training garments in the train scenes (class-balanced)",
+    )  # fmt: skip
+    parser.add_argument("--val-garments", type=int, default=300, help="garments, val scenes")
+    parser.add_argument("--test-garments", type=int, default=1500, help="garments, test scenes")
+    parser.add_argument("--trials", type=int, default=1, help="fine-tunes per initialisation")
+    parser.add_argument(
+        "--schedules", nargs="+", choices=list(SCHEDULES), default=["short"],
+        help="short: the config's schedule; long: 3x its iterations and lr steps",
+    )  # fmt: skip
+    parser.add_argument(
+        "--eval-split", choices=("test", "val"), default="test",
+        help="val: evaluate on the validation scenes (choose settings there, never on test)",
+    )  # fmt: skip
+    parser.add_argument("--pretrained", default=None, help="a MoCo ResNet-18 checkpoint to reuse")
+    parser.add_argument("--pretrain-opts", default="", help="KEY VALUE overrides of the MoCo run")
+    parser.add_argument("--supervised-opts", default="", help="KEY VALUE overrides, supervised run")
+    parser.add_argument("--name", default="", help="suffix of the fine-tune folders (sweeps)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE, every fine-tune")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    work: Path = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    timer = Timer(work / "benchmark.json")
+    timer.record["command"] = shlex.join(["moco-benchmark", *sys.argv[1:]])
+    data = ["DATA.ROOT", str(args.data_root)] if args.data_root else []
+    has_detectron2 = importlib.util.find_spec("detectron2") is not None
+    if has_detectron2:
+        scenes = work / "scenes"
+        counts = {"num_labelled": args.labelled, "num_val": args.val_garments,
+                  "num_test": args.test_garments}  # fmt: skip
+        if not (scenes / SUMMARY_FILE).is_file():  # rebuilt whole when unfinished
+            root = args.data_root or FASHION_MNIST_DIR
+            timer.run("scenes", build_fashion_scenes, scenes, root=root, **counts)
+        check_scenes(scenes, counts)
+    if args.pretrained:
+        checkpoint = args.pretrained
+    else:
+        summary = pretrain(work, [*data, *shlex.split(args.pretrain_opts)], timer)
+        print_features(summary)
+        checkpoint = summary["checkpoint"]
+    if not has_detectron2:
+        print(
+            "moco-benchmark: detectron2 is not installed, so the detection benchmark did not run;"
+            f" install it with: {DETECTRON2_INSTALL}"
+        )
+        return
+    moco = convert(checkpoint, work / "weights" / "moco.pkl")  # before anything else trains
+    supervised = train_supervised(work, [*data, *shlex.split(args.supervised_opts)], timer)
+    weights = {"sup": convert(supervised, work / "weights" / "supervised.pkl"), "moco": moco}
+    for schedule in args.schedules:
+        run_name = schedule + ("-val" if args.eval_split == "val" else "") + args.name
+        rows = []
+        for init, label in ROWS.items():
+            out = work / "det" / run_name / init
+            timer.run(
+                f"fine_tune/{run_name}/{init}", fine_tune, out, init, scenes=scenes,
+                weights=weights.get(init), trials=args.trials, split=args.eval_split,
+                factor=SCHEDULES[schedule], opts=args.opts,
+            )  # fmt: skip
+            rows.append(f"{label}={out}")
+        print(f"\n# Fashion-MNIST scenes, {schedule} schedule, {args.eval_split} scenes\n")
+        report.main([*rows, "--output", str(work / "report" / run_name),
+                     "--supervised", ROWS["sup"], "--random", ROWS["random"]])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    with exit_on_user_error("moco-benchmark"):
+        if args.trials < 1:
+            raise ValueError(f"--trials must be at least 1, got {args.trials}")
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
