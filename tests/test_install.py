@@ -18,6 +18,7 @@ COMMANDS = (
     "moco-convert",
     "moco-transfer",
     "moco-report",
+    "moco-benchmark",
 )
 
 
