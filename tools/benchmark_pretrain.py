@@ -99,7 +99,9 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float | None]]:
     """Peak memory (MiB) allocated inside the block on top of what existed before it.
 
     CUDA: the caching allocator's peak. CPU (Linux): the process's resident-set high-water mark,
-    reset through ``/proc/self/clear_refs``; includes allocator caching, so it is approximate.
+    reset through ``/proc/self/clear_refs``; includes allocator caching, so it is approximate, and
+    the kernel updates the mark lazily: memory freed before an update can leave it below the
+    resident set at the start, which counts as no growth.
     """
     result: dict[str, float | None] = {"mib": None}
     if device.type == "cuda":
@@ -114,7 +116,7 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float | None]]:
             f.write("5")  # resets VmHWM to the current VmRSS
         before = _status_kib("VmRSS")
         yield result
-        result["mib"] = (_status_kib("VmHWM") - before) / 1024
+        result["mib"] = max(_status_kib("VmHWM") - before, 0) / 1024
     else:
         yield result
 
