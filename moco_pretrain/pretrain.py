@@ -163,6 +163,19 @@ def knn_metrics_of(
     return metrics, len(bank.dataset)
 
 
+FEATURE_METRICS = {"knn_top1": "kNN top-1", "linear_top1": "linear probe top-1"}
+
+
+def feature_comparison(summary: dict[str, Any]) -> list[str]:
+    """One line per ``KNN.FINAL`` metric in ``summary``: the learned vs a random-init encoder."""
+    return [
+        f"{name}: MoCo {summary[key]:.2f} %, random-init encoder"
+        f" {summary[key + '_random_init']:.2f} % (validation split)"
+        for key, name in FEATURE_METRICS.items()
+        if key in summary
+    ]
+
+
 def run_pretraining(cfg: CfgNode, *, resume: str | None = None) -> dict[str, Any]:
     """Train MoCo as ``cfg`` says; returns a summary (also written to ``OUTPUT_DIR/summary.json``)."""
     device = start_run(cfg)

@@ -36,9 +36,10 @@ from typing import Any
 
 from moco_pretrain.checkpoint import Checkpointer, atomic_write_json
 from moco_pretrain.cli.common import exit_on_user_error
-from moco_pretrain.config import setup_cfg
+from moco_pretrain.config import resolve_config_file, setup_cfg
 from moco_pretrain.data import FASHION_MNIST_DIR
 from moco_pretrain.lincls import RESULTS_FILE
+from moco_pretrain.pretrain import feature_comparison, run_pretraining
 from moco_pretrain.weights import load_backbone_state_dict
 
 from . import report
@@ -76,8 +77,6 @@ class Timer:
 
 
 def pretrain(work: Path, opts: list[str], timer: Timer) -> dict[str, Any]:
-    from moco_pretrain.pretrain import run_pretraining
-
     out = work / "moco"
     if not (out / "summary.json").is_file():
         cfg = setup_cfg(PRETRAIN_RECIPE, [*opts, "OUTPUT_DIR", str(out)])
@@ -115,16 +114,10 @@ def check_scenes(scenes: Path, counts: dict[str, int]) -> None:
 
 def scaled_schedule(init: str, factor: int, opts: list[str]) -> list[str]:
     """``SOLVER.MAX_ITER`` / ``SOLVER.STEPS`` overrides: the config's (after ``opts``) x factor."""
-    from detectron2.config import get_cfg
+    from . import train_net
 
-    from moco_pretrain.config import resolve_config_file
-
-    from .config import add_moco_config
-
-    cfg = get_cfg()
-    add_moco_config(cfg)
-    cfg.merge_from_file(str(resolve_config_file(DETECTION_RECIPE.format(init=init))))
-    cfg.merge_from_list(opts)
+    config_file = str(resolve_config_file(DETECTION_RECIPE.format(init=init)))
+    cfg = train_net.build_cfg(argparse.Namespace(config_file=config_file, opts=opts))
     steps = tuple(s * factor for s in cfg.SOLVER.STEPS)
     return ["SOLVER.MAX_ITER", str(cfg.SOLVER.MAX_ITER * factor), "SOLVER.STEPS", str(steps)]
 
@@ -143,15 +136,6 @@ def fine_tune(
         *opts, *scaled_schedule(init, factor, opts),
     ]  # fmt: skip
     train_net.main(argv)
-
-
-def print_features(summary: dict[str, Any]) -> None:
-    for key, name in (("knn_top1", "kNN"), ("linear_top1", "linear probe")):
-        if key in summary:
-            print(
-                f"Fashion-MNIST test, {name} top-1: MoCo {summary[key]:.2f} %,"
-                f" random-init encoder {summary[key + '_random_init']:.2f} %"
-            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,7 +191,7 @@ def run(args: argparse.Namespace) -> None:
         checkpoint = args.pretrained
     else:
         summary = pretrain(work, [*data, *shlex.split(args.pretrain_opts)], timer)
-        print_features(summary)
+        print("\n".join(feature_comparison(summary)))
         checkpoint = summary["checkpoint"]
     if not has_detectron2:
         print(

@@ -107,12 +107,15 @@ def _resize(image: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR), dtype=np.float64)
 
 
-def _compose(garments: list[tuple[np.ndarray, int]], background, spec, rng) -> tuple[Any, list]:
-    """Place garments one by one over ``background``; returns the canvas and the instances.
+def _compose(
+    garments: list[tuple[np.ndarray, int]], background, spec, rng
+) -> tuple[np.ndarray, list[dict[str, Any]], list[tuple[np.ndarray, int]]]:
+    """Place garments one by one over ``background``: the canvas, the instances, the unplaced.
 
     A placement is retried (up to 20 times) while it would leave some garment, the new one included,
-    with less than ``spec.min_visible`` of its silhouette; a garment that never fits is left out
-    (returned unplaced). Instances are dicts with the class, the full and the visible mask.
+    with less than ``spec.min_visible`` of its silhouette; a garment that never fits is returned
+    unplaced (the first garment of a scene always fits). Instances are dicts with the class, the
+    full and the visible mask.
     """
     canvas = background.copy()
     placed: list[dict[str, Any]] = []
@@ -168,7 +171,7 @@ def _build_split(
         background = _background(spec, rng)
         _paste_clutter(background, clutter, spec, rng)
         canvas, placed, unplaced = _compose(todo, background, spec, rng)
-        queue = unplaced + queue if placed else queue  # an empty scene would loop forever
+        queue = unplaced + queue  # into the next scene
         canvas += rng.normal(0, spec.noise_std, size=canvas.shape)
         pixels = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
         image_id = len(images) + 1

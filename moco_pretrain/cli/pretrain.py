@@ -11,7 +11,7 @@ import argparse
 from moco_pretrain.cli.common import config_parser, exit_on_user_error
 from moco_pretrain.config import setup_cfg
 from moco_pretrain.distributed import is_main_process
-from moco_pretrain.pretrain import run_pretraining
+from moco_pretrain.pretrain import feature_comparison, run_pretraining
 
 DEMO_RECIPE = "pretrain/fashion_mnist_demo.yaml"
 
@@ -31,12 +31,8 @@ def print_summary(summary: dict, *, cfg) -> None:
             f"instance discrimination (contrastive top-1 of 1+K, last epoch): {last['acc1']:.1f} %"
             f" (chance {100 / (cfg.MODEL.K + 1):.3f} %)"
         )
-    for key, name in (("knn_top1", "kNN top-1"), ("linear_top1", "linear probe top-1")):
-        if key in summary:
-            print(
-                f"{name} on the validation split: {summary[key]:.2f} % (MoCo)"
-                f" vs {summary[key + '_random_init']:.2f} % (random-init encoder)"
-            )
+    for line in feature_comparison(summary):
+        print(line)
     if summary.get("skipped_images"):
         print(f"unreadable images skipped: {summary['skipped_images']}")
     if not summary["checkpoint"]:
