@@ -1,4 +1,4 @@
-"""transfer.deepforest: tiling rules, the VOC tree it writes, and the real scenes when installed."""
+"""tools/deepforest_data.py: tiling rules, the VOC tree it writes, and the real scenes when installed."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transfer.deepforest import (
-    SCENES,
-    Box,
-    build_deepforest_voc,
-    find_deepforest_data,
-    grid_starts,
-    parse_voc_boxes,
-    tile_scene,
-)
+from tests.tool_loader import load_tool
+
+deepforest_data = load_tool("deepforest_data")
+SCENES, Box, build_deepforest_voc, find_deepforest_data = (
+    deepforest_data.SCENES, deepforest_data.Box, deepforest_data.build_deepforest_voc,
+    deepforest_data.find_deepforest_data,
+)  # fmt: skip
+grid_starts, parse_voc_boxes, tile_scene = (
+    deepforest_data.grid_starts, deepforest_data.parse_voc_boxes, deepforest_data.tile_scene,
+)  # fmt: skip
 
 
 def test_grid_keeps_remainders_of_at_least_half_a_tile():

@@ -6,7 +6,7 @@ Both variants train the same model on the same batches with the project's engine
 alternating in rounds so that a noisy machine slows both alike:
 
 * ``ours``: :func:`moco_pretrain.pretrain.build_moco` as ``run_pretraining`` sets it up (CUDA:
-  ``TRAIN.AMP_DTYPE`` autocast, ``TRAIN.CHANNELS_LAST``, fused SGD; CPU: fp32, foreach SGD;
+  ``TRAIN.AMP_DTYPE`` autocast, ``TRAIN.CHANNELS_LAST``; CPU: fp32; fused SGD on both;
   ``TRAIN.COMPILE``), vectorised momentum update, host syncs only every ``TRAIN.LOG_PERIOD``;
 * ``baseline``: what the official ``main_moco.py`` does: fp32, a Python loop over parameters for
   the momentum update, no channels-last, the single-tensor SGD of its time, and a host sync
@@ -22,7 +22,7 @@ of the per-round ratios, each from two runs back to back. A separate instrumente
 sync around every part) gives the split in ms per step. Peak memory covers building the variant
 and its ``--warmup`` steps. On a shared CPU, ``--threads 1`` gives the steadiest figures.
 
-Example (the README's CPU figures)::
+Example (the CPU figures in docs/performance.md)::
 
     python tools/benchmark_pretrain.py --device cpu --threads 1 --steps 4 --warmup 2 --rounds 8 \
         --json out.json MODEL.ARCH resnet18 DATA.IMAGE_SIZE 64 SOLVER.BATCH_SIZE 32 MODEL.K 4096

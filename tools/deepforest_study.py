@@ -8,8 +8,8 @@ data, installed without its dependencies; the package is never imported):
 
 Steps (each skipped when its output exists, so an interrupted study resumes):
 
-1. transfer.deepforest: 400 px VOC tiles with a fixed train/test split by scene area, plus
-   unlabelled 192 px patches of the train tiles;
+1. ``tools/deepforest_data.py``: 400 px VOC tiles with a fixed train/test split by scene area,
+   plus unlabelled 192 px patches of the train tiles;
 2. MoCo v2 ResNet-50 on those patches (pretrain/deepforest_r50_cpu.yaml): in-domain
    self-supervision, no labels;
 3. moco-convert to Detectron2 weights;
@@ -32,6 +32,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from deepforest_data import build_deepforest_voc  # tools/, this script's folder, is on sys.path
+
 from moco_pretrain.checkpoint import atomic_write_json
 from moco_pretrain.config import setup_cfg
 from moco_pretrain.machine import describe_machine
@@ -39,7 +41,6 @@ from moco_pretrain.pretrain import run_pretraining
 from moco_pretrain.weights import load_backbone_state_dict
 from transfer import report, train_net
 from transfer.convert import convert_to_detectron2, write_detectron2_pkl
-from transfer.deepforest import build_deepforest_voc
 
 PRETRAIN_RECIPE = "pretrain/deepforest_r50_cpu.yaml"
 DETECTION_RECIPE = "detection/deepforest_R_50_C4_{init}.yaml"
