@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from .distributed import broadcast_, concat_all_gather, get_rank, get_world_size, is_distributed
 from .split_bn import convert_split_batchnorm
@@ -158,14 +159,18 @@ class MoCo(nn.Module):
         """
         q = F.normalize(self.encoder_q(im_q), dim=1)  # queries: NxC
 
+        # record_function ranges name the parts for torch.profiler (tools/benchmark_pretrain.py).
         with torch.no_grad():  # no gradient to keys
-            self._momentum_update_key_encoder()
+            with record_function("moco/momentum_update"):
+                self._momentum_update_key_encoder()
             shuffle = is_distributed() or self.bn_splits > 1
             if shuffle:
-                im_k, idx_unshuffle = self._batch_shuffle(im_k)
+                with record_function("moco/shuffle"):
+                    im_k, idx_unshuffle = self._batch_shuffle(im_k)
             k = F.normalize(self.encoder_k(im_k), dim=1)  # keys: NxC
             if shuffle:
-                k = self._batch_unshuffle(k, idx_unshuffle)
+                with record_function("moco/shuffle"):
+                    k = self._batch_unshuffle(k, idx_unshuffle)
 
         # Deviation: under autocast the logits are still computed in fp32; bf16 cannot resolve
         # logits of magnitude 1/T ~ 14 finely enough for the loss. The cost is one NxCxK matmul.
@@ -176,5 +181,6 @@ class MoCo(nn.Module):
             logits = torch.cat([l_pos, l_neg], dim=1) / self.T  # logits: Nx(1+K)
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # N
 
-        self._dequeue_and_enqueue(k)
+        with record_function("moco/queue"):
+            self._dequeue_and_enqueue(k)
         return logits, labels

@@ -3,58 +3,26 @@
 Layout (the official ``main_moco.py`` keys first): ``epoch`` (epochs completed), ``arch``,
 ``state_dict`` (DDP names: ``module.encoder_q.*``, ``module.encoder_k.*``, ``module.queue``,
 ``module.queue_ptr``, also when trained in one process), ``optimizer``; then ``scaler``,
-``config`` (the resolved YAML), ``rng`` (one entry per rank) and ``format_version``.
+``config`` (the resolved YAML), ``rng`` (one entry per rank), and the run's ``history`` (per
+epoch) and ``log_points`` (per log period).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import pickle
 import random
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from .distributed import get_rank, get_world_size
+from .files import atomic_write
 
-FORMAT_VERSION = 1
 _CHECKPOINT_RE = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename over ``path``.
-
-    A crash or kill at any moment leaves either the old file or the new one, never a torn one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    """``data`` as indented JSON through :func:`atomic_write` (results, summaries, markers)."""
-    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

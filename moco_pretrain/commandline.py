@@ -1,4 +1,4 @@
-"""Argument parsing shared by the command-line entry points."""
+"""Argument parsing and error reporting shared by every command line, with no torch import."""
 
 from __future__ import annotations
 

@@ -8,9 +8,11 @@ Defaults are MoCo v1 on ImageNet (ResNet-50, 200 epochs), as in the official ``m
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 from fvcore.common.config import CfgNode as CN
@@ -24,9 +26,9 @@ _C.MODEL = CN()
 _C.MODEL.ARCH = "resnet50"  # any torchvision ResNet
 _C.MODEL.SMALL_STEM = False  # 3x3 stride-1 conv1, no max-pool: for 28-64 px images
 _C.MODEL.DIM = 128  # feature dimension of queries and keys
-_C.MODEL.K = 65536  # queue size (number of negatives)
+_C.MODEL.K = 65536  # queue size (number of negatives); the official --moco-k
 _C.MODEL.M = 0.999  # key-encoder momentum
-_C.MODEL.T = 0.07  # softmax temperature (v2: 0.2)
+_C.MODEL.T = 0.07  # softmax temperature (v2: 0.2); the official --moco-t
 _C.MODEL.MLP = False  # v2 MLP projection head
 # One process only: BN statistics over this many sub-batches plus a local key shuffle (the
 # one-GPU emulation of Shuffle-BN). Under torchrun the official cross-rank shuffle is used.
@@ -75,10 +77,10 @@ _C.TRAIN.LOG_PERIOD = 20  # iterations between log lines / TensorBoard points
 _C.KNN = CN()
 _C.KNN.MONITOR_PERIOD = 0  # >0: kNN top-1 on DATA.VAL_SPLIT every N epochs, logged
 _C.KNN.FINAL = False  # after training: kNN top-1 and linear probe, learned vs random-init encoder
-_C.KNN.K = 200  # neighbours (weighted kNN, Wu et al. 2018)
-_C.KNN.T = 0.07  # temperature of the neighbour weights
+_C.KNN.NEIGHBORS = 200  # neighbours of the weighted kNN (Wu et al. 2018); not MODEL.K
+_C.KNN.TEMPERATURE = 0.07  # temperature of the neighbour weights; not MODEL.T
 _C.KNN.BANK_SIZE = 0  # >0: use only the first N training images as the feature bank
-_C.KNN.BATCH_SIZE = 256  # per process, feature extraction
+_C.KNN.BATCH_SIZE_PER_PROCESS = 256  # feature extraction; SOLVER.BATCH_SIZE is global
 
 
 def get_cfg() -> CN:
@@ -132,8 +134,11 @@ CHOICES = {
 POSITIVE = ("SOLVER.BATCH_SIZE", "MODEL.K", "MODEL.BN_SPLITS")
 
 
-def validate(cfg: CN) -> None:
-    """Reject values that cannot run, before any work starts: one ``ValueError`` naming them all."""
+def validate(cfg: CN, *, world_size: int | None = None) -> None:
+    """Reject values that cannot run, before any work starts: one ``ValueError`` naming them all.
+
+    ``world_size`` defaults to torchrun's ``WORLD_SIZE`` (1 without it).
+    """
     problems = []
     for key in POSITIVE:
         value = _value(cfg, key)
@@ -143,8 +148,31 @@ def validate(cfg: CN) -> None:
         value = _value(cfg, key)
         if value not in choices:
             problems.append(f"{key} is {value!r}, expected one of {choices}")
+    if not problems:
+        problems += _batch_problems(cfg, world_size or int(os.environ.get("WORLD_SIZE", "1")))
     if problems:
         raise ValueError(f"invalid config: {'; '.join(problems)}")
+
+
+def _batch_problems(cfg: CN, world_size: int) -> list[str]:
+    """The global batch against the queue, the processes and the split-BN groups."""
+    batch, splits = cfg.SOLVER.BATCH_SIZE, cfg.MODEL.BN_SPLITS
+    problems = []
+    if cfg.MODEL.K < batch:
+        problems.append(
+            f"MODEL.K is {cfg.MODEL.K}, smaller than one global batch (SOLVER.BATCH_SIZE {batch})"
+        )
+    if batch % world_size:
+        problems.append(f"SOLVER.BATCH_SIZE {batch} is not divisible by the {world_size} processes")
+    elif splits > 1 and world_size > 1:
+        problems.append(
+            f"MODEL.BN_SPLITS is {splits} under {world_size} processes: split BN emulates"
+            " Shuffle-BN in one process; with several, the official cross-process shuffle runs"
+            " (set MODEL.BN_SPLITS 1)"
+        )
+    elif batch % splits:
+        problems.append(f"SOLVER.BATCH_SIZE {batch} is not divisible by MODEL.BN_SPLITS {splits}")
+    return problems
 
 
 def _value(cfg: CN, key: str):
@@ -185,3 +213,28 @@ def _config_errors(source: str) -> Iterator[None]:
     except (KeyError, AssertionError, ValueError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         raise ValueError(f"invalid config ({source}): {message}") from None
+
+
+# ------------------------------------------------------------------ values for the layers below
+# The data, augmentation and model code takes plain values; these read them from the config.
+def dataset_options(cfg: CN) -> dict[str, Any]:
+    """``DATA.*`` as the arguments of :func:`moco_pretrain.data.build_dataset`."""
+    return {"name": cfg.DATA.NAME, "root": cfg.DATA.ROOT, "download": cfg.DATA.DOWNLOAD}
+
+
+def augmentation_options(cfg: CN) -> dict[str, Any]:
+    """The pretraining recipe's ``DATA.*`` keys as the arguments of
+    :func:`moco_pretrain.data.pretrain_transform` and of the device augmentation alike."""
+    return {
+        "size": cfg.DATA.IMAGE_SIZE,
+        "recipe": cfg.DATA.AUG,
+        "mean": cfg.DATA.MEAN,
+        "std": cfg.DATA.STD,
+        "min_scale": cfg.DATA.CROP_MIN_SCALE,
+        "blur": cfg.DATA.BLUR,
+    }
+
+
+def eval_transform_options(cfg: CN) -> dict[str, Any]:
+    """``DATA.*`` as the arguments of :func:`moco_pretrain.data.eval_transform`."""
+    return {"size": cfg.DATA.IMAGE_SIZE, "mean": cfg.DATA.MEAN, "std": cfg.DATA.STD}

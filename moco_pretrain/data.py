@@ -12,11 +12,9 @@ import random
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from fvcore.common.config import CfgNode
 from PIL import Image, ImageFilter
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
@@ -104,26 +102,6 @@ def eval_transform(*, size: int, mean: Sequence[float], std: Sequence[float]) ->
             transforms.Normalize(mean, std),
         ]
     )
-
-
-def augmentation_options(cfg: CfgNode) -> dict[str, Any]:
-    """The recipe's ``DATA.*`` keys as keyword arguments (CPU and device augmentation alike)."""
-    return {
-        "size": cfg.DATA.IMAGE_SIZE,
-        "recipe": cfg.DATA.AUG,
-        "mean": cfg.DATA.MEAN,
-        "std": cfg.DATA.STD,
-        "min_scale": cfg.DATA.CROP_MIN_SCALE,
-        "blur": cfg.DATA.BLUR,
-    }
-
-
-def build_pretrain_transform(cfg: CfgNode) -> TwoCropsTransform:
-    return TwoCropsTransform(pretrain_transform(**augmentation_options(cfg)))
-
-
-def build_eval_transform(cfg: CfgNode) -> transforms.Compose:
-    return eval_transform(size=cfg.DATA.IMAGE_SIZE, mean=cfg.DATA.MEAN, std=cfg.DATA.STD)
 
 
 def _load_rgb(path: str) -> Image.Image:
@@ -222,10 +200,11 @@ def _find_idx(root: Path, stem: str) -> Path:
     )
 
 
-def _fashion_mnist_root(cfg: CfgNode) -> Path:
-    if cfg.DATA.ROOT:
-        return Path(cfg.DATA.ROOT)
-    if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file() or not cfg.DATA.DOWNLOAD:
+def fashion_mnist_root(root: str, *, download: bool = False) -> Path:
+    """``root`` if given, else Debian's install, else (with ``download``) torchvision's copy."""
+    if root:
+        return Path(root)
+    if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file() or not download:
         return FASHION_MNIST_DIR
     cache = Path.home() / ".cache" / "moco_pretrain"
     for train in (True, False):  # torchvision's own download of the same IDX files
@@ -233,17 +212,20 @@ def _fashion_mnist_root(cfg: CfgNode) -> Path:
     return cache / "FashionMNIST" / "raw"
 
 
-def build_dataset(cfg: CfgNode, *, split: str, transform: Callable | None) -> Dataset:
-    """The ``split`` of ``cfg.DATA``'s dataset; a missing or empty folder fails here, early."""
-    if cfg.DATA.NAME == "fashion_mnist":
-        dataset = FashionMNIST(_fashion_mnist_root(cfg), split=split, transform=transform)
-    elif cfg.DATA.NAME == "imagefolder":
-        if not cfg.DATA.ROOT:
+def build_dataset(
+    name: str, root: str, *, split: str, transform: Callable | None, download: bool = False
+) -> Dataset:
+    """The ``split`` of dataset ``name`` (``DATA.NAME``) under ``root`` (``DATA.ROOT``); a missing
+    or empty folder fails here, early."""
+    if name == "fashion_mnist":
+        return FashionMNIST(
+            fashion_mnist_root(root, download=download), split=split, transform=transform
+        )
+    if name == "imagefolder":
+        if not root:
             raise ValueError("DATA.ROOT is empty: give the folder holding the image splits")
-        dataset = RobustImageFolder(Path(cfg.DATA.ROOT) / split, transform=transform)
-    else:
-        raise ValueError(f"unknown DATA.NAME {cfg.DATA.NAME!r} ('imagefolder' or 'fashion_mnist')")
-    return dataset
+        return RobustImageFolder(Path(root) / split, transform=transform)
+    raise ValueError(f"unknown DATA.NAME {name!r} ('imagefolder' or 'fashion_mnist')")
 
 
 def limit_samples(dataset: Dataset, max_samples: int) -> Dataset:
@@ -292,14 +274,11 @@ def build_train_loader(
 
 
 def build_eval_loader(
-    cfg: CfgNode, *, split: str, batch_size: int, max_samples: int = 0
+    dataset: Dataset, *, batch_size: int, num_workers: int
 ) -> torch.utils.data.DataLoader:
-    """Un-augmented, deterministic batches of ``split`` (sharded across ranks if distributed)."""
+    """Deterministic batches of ``dataset`` (sharded across ranks if distributed)."""
     from .distributed import get_world_size
 
-    dataset = limit_samples(
-        build_dataset(cfg, split=split, transform=build_eval_transform(cfg)), max_samples
-    )
     sampler = (
         torch.utils.data.DistributedSampler(dataset, shuffle=False)
         if get_world_size() > 1
@@ -310,6 +289,6 @@ def build_eval_loader(
         batch_size=batch_size,
         sampler=sampler,
         shuffle=False,
-        num_workers=cfg.DATA.NUM_WORKERS,
+        num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
     )

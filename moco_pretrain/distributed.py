@@ -30,11 +30,6 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def barrier() -> None:
-    if is_distributed() and get_world_size() > 1:
-        dist.barrier()
-
-
 @torch.no_grad()
 def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every rank along dim 0 (rank order); no gradient flows.

@@ -1,8 +1,11 @@
-"""The epoch loop shared by pretraining and linear classification.
+"""The one run loop of every task: pretraining, linear classification, supervised training.
 
-A task supplies a ``step_fn(batch) -> (loss, metrics)``; the :class:`Trainer` owns everything
-else: lr per epoch, autocast, backward and optimizer step, progress bar, TensorBoard, the
-non-finite-loss guard, atomic checkpoints and exact resume.
+A task supplies a :class:`Task` (its model, optimizer, training batches, step and hooks); the
+:class:`Runner` owns everything else: DDP wrapping, lr per epoch, autocast, backward and optimizer
+step, progress bar, TensorBoard, the non-finite-loss guard, atomic checkpoints and exact resume.
+Hooks *return* metrics (a kNN monitor, a validation); the runner records them in the epoch's
+history, which is saved with the epoch's checkpoint. Modelled on detectron2's ``TrainerBase`` and
+``HookBase``, with epochs instead of iterations, as the official MoCo scripts count.
 """
 
 from __future__ import annotations
@@ -12,18 +15,17 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from fvcore.common.config import CfgNode
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import (
-    FORMAT_VERSION,
     Checkpointer,
     capture_rng_state,
     load_checkpoint,
@@ -38,12 +40,13 @@ from .distributed import (
     is_main_process,
     seed_all,
 )
-from .schedules import lr_at_epoch
+from .schedules import lr_at_epoch, scaled_lr
 
 logger = logging.getLogger("moco_pretrain")
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "": None}  # TRAIN.AMP_DTYPE
-StepFn = Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+Metrics = dict[str, torch.Tensor]
+StepFn = Callable[[nn.Module, Any], tuple[torch.Tensor, Metrics]]
 
 
 def setup_logging(output_dir: str | Path | None = None) -> None:
@@ -75,76 +78,113 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel when there are several processes, else as is."""
+    if get_world_size() == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None
+    )
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the last checkpoint on disk is untouched."""
 
 
-class Trainer:
-    """Runs epochs ``start_epoch .. epochs-1`` of ``step_fn`` over ``loader``.
+class Hook:
+    """Something a task adds to the loop. Every method is optional; none edits the runner."""
+
+    def after_resume(self, runner: Runner) -> None:
+        """After a checkpoint was loaded into the model (e.g. check what must not have moved)."""
+
+    def before_step(self, runner: Runner) -> None:
+        """Before each training step; the batch is already on the device."""
+
+    def after_epoch(self, runner: Runner, epoch: int) -> dict[str, float]:
+        """After epoch ``epoch`` (0-based) trained, before its checkpoint is written.
+
+        Returns metrics for the epoch's history entry: logged, written to TensorBoard as
+        ``epoch/<name>`` and saved with the epoch's checkpoint.
+        """
+        return {}
+
+
+@dataclass
+class Task:
+    """What a task supplies to the :class:`Runner`.
 
     Args:
-        model: the (possibly DDP-wrapped) model whose ``state_dict`` is checkpointed.
-        optimizer: its optimizer; every param group gets ``lr_at_epoch(epoch)`` each epoch.
+        model: the model to train and checkpoint (not DDP-wrapped: the runner does that).
+        optimizer: its optimizer; the runner sets every param group's lr each epoch.
         loader: training batches; its sampler's ``set_epoch`` is called if it has one.
-        step_fn: batch (already on ``device``) -> (scalar loss, dict of scalar metric tensors).
-        epochs: total number of epochs.
-        checkpointer: where checkpoints go.
-        arch: stored as ``arch`` in checkpoints.
+        step: ``step(model, batch) -> (scalar loss, {name: scalar tensor})``, the batch on the
+            device, ``model`` the DDP-wrapped model under several processes.
+        hooks: see :class:`Hook`.
+        train_mode: False keeps the whole model in eval mode while it trains (linear
+            classification: the frozen backbone's BN statistics must not move).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: Iterable[Any]
+    step: StepFn
+    hooks: Sequence[Hook] = ()
+    train_mode: bool = True
+
+
+class Runner:
+    """Runs epochs ``start_epoch .. epochs-1`` of ``task``; see the module docstring.
+
+    Args:
+        task: what to train.
         device: the device batches are moved to.
+        epochs: total number of epochs.
+        lr_at_epoch: the lr of each epoch (0-based).
+        checkpointer: where checkpoints go.
+        checkpoint_meta: constant checkpoint entries (``arch``, the resolved ``config``).
         amp_dtype: autocast dtype on CUDA (None: fp32). fp16 uses a gradient scaler.
         channels_last: move 4-D inputs to channels-last memory format.
         log_period: iterations between progress updates and TensorBoard points.
         checkpoint_period: epochs between checkpoints (the last epoch is always saved).
         max_iters_per_epoch: >0 cuts epochs short.
-        config_yaml: the resolved config, stored in checkpoints.
-        train_mode: puts the model in training mode (lincls keeps its backbone in eval mode).
-        extra_state: extra entries for the checkpoint (and restored by the caller).
         tensorboard_dir: where rank 0 writes TensorBoard events (None: none).
     """
 
     def __init__(
         self,
+        task: Task,
         *,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        loader: DataLoader,
-        step_fn: StepFn,
-        lr_at_epoch: Callable[[int], float],
-        epochs: int,
-        checkpointer: Checkpointer,
-        arch: str,
         device: torch.device,
+        epochs: int,
+        lr_at_epoch: Callable[[int], float],
+        checkpointer: Checkpointer,
+        checkpoint_meta: dict[str, Any] | None = None,
         amp_dtype: torch.dtype | None = None,
         channels_last: bool = False,
         log_period: int = 20,
         checkpoint_period: int = 1,
         max_iters_per_epoch: int = 0,
-        config_yaml: str = "",
-        train_mode: Callable[[], None] | None = None,
-        extra_state: Callable[[], dict[str, Any]] | None = None,
         tensorboard_dir: str | Path | None = None,
     ) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self.loader = loader
-        self.step_fn = step_fn
-        self.lr_at_epoch = lr_at_epoch
-        self.epochs = epochs
-        self.checkpointer = checkpointer
-        self.arch = arch
+        self.task = task
+        self.hooks = list(task.hooks)
+        self.model = task.model
+        self.train_model = wrap_distributed(task.model, device)
+        self.optimizer = task.optimizer
         self.device = device
+        self.epochs = epochs
+        self.lr_at_epoch = lr_at_epoch
+        self.checkpointer = checkpointer
+        self.checkpoint_meta = checkpoint_meta or {}
         self.amp_dtype = amp_dtype if device.type == "cuda" else None
         self.channels_last = channels_last
         self.log_period = max(1, log_period)
         self.checkpoint_period = max(1, checkpoint_period)
         self.max_iters_per_epoch = max_iters_per_epoch
-        self.config_yaml = config_yaml
-        self.train_mode = train_mode or model.train
-        self.extra_state = extra_state or dict
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.start_epoch = 0
         self.last_saved: Path | None = None
-        # per epoch: mean metrics, lr, seconds, images_per_s (+ whatever epoch-end hooks add);
+        # per epoch: mean metrics, lr, seconds, images_per_s and the hooks' metrics;
         # per log point: the window's mean metrics. Both are saved in checkpoints.
         self.history: list[dict[str, float]] = []
         self.log_points: list[dict[str, float]] = []
@@ -154,32 +194,58 @@ class Trainer:
 
             self.writer = SummaryWriter(str(tensorboard_dir))
 
+    @classmethod
+    def from_config(cls, cfg: CfgNode, task: Task, *, device: torch.device) -> Runner:
+        """A runner with the schedule, precision, logging and checkpoint keys of ``cfg``; the lr
+        schedule starts from ``SOLVER.BASE_LR`` scaled linearly to ``SOLVER.BATCH_SIZE``."""
+        schedule = functools.partial(
+            lr_at_epoch, scaled_lr(cfg.SOLVER.BASE_LR, cfg.SOLVER.BATCH_SIZE),
+            schedule=cfg.SOLVER.LR_SCHEDULE,
+            epochs=cfg.SOLVER.EPOCHS, steps=cfg.SOLVER.STEPS, gamma=cfg.SOLVER.GAMMA,
+        )  # fmt: skip
+        return cls(
+            task,
+            device=device,
+            epochs=cfg.SOLVER.EPOCHS,
+            lr_at_epoch=schedule,
+            checkpointer=Checkpointer(cfg.OUTPUT_DIR, keep_last=cfg.TRAIN.KEEP_LAST),
+            checkpoint_meta={"arch": cfg.MODEL.ARCH, "config": cfg.dump()},
+            amp_dtype=AMP_DTYPES[cfg.TRAIN.AMP_DTYPE],
+            channels_last=device.type == "cuda" and cfg.TRAIN.CHANNELS_LAST,
+            log_period=cfg.TRAIN.LOG_PERIOD,
+            checkpoint_period=cfg.TRAIN.CHECKPOINT_PERIOD,
+            max_iters_per_epoch=cfg.SOLVER.MAX_ITERS_PER_EPOCH,
+            tensorboard_dir=Path(cfg.OUTPUT_DIR) / "tensorboard",
+        )
+
+    def register_hooks(self, *hooks: Hook) -> None:
+        """Add hooks after the task's own (e.g. a profiler); they run in this order."""
+        self.hooks.extend(hooks)
+
     # ----------------------------------------------------------------- checkpoints
     def state(self, epoch: int) -> dict[str, Any]:
         """The checkpoint after ``epoch`` (0-based) completed; collective (RNG of all ranks)."""
         return {
             "epoch": epoch + 1,
-            "arch": self.arch,
-            "state_dict": with_ddp_prefix(unwrap(self.model).state_dict()),
+            "arch": self.checkpoint_meta.get("arch", ""),
+            "state_dict": with_ddp_prefix(self.model.state_dict()),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "config": self.config_yaml,
+            "config": self.checkpoint_meta.get("config", ""),
             "rng": capture_rng_state(),
-            "format_version": FORMAT_VERSION,
             "history": self.history,
             "log_points": self.log_points,
-            **self.extra_state(),
         }
 
-    def resume(self, path: str | Path) -> dict[str, Any]:
-        """Load model, optimizer, scaler, RNG and epoch from ``path``; returns the checkpoint."""
+    def resume(self, path: str | Path) -> None:
+        """Load model, optimizer, scaler, RNG, epoch and history from ``path``."""
         checkpoint = load_checkpoint(path)
         missing = [key for key in ("epoch", "state_dict", "optimizer") if key not in checkpoint]
         if missing:
             raise KeyError(f"checkpoint {path} lacks {missing}; cannot resume from it")
         state_dict = without_ddp_prefix(checkpoint["state_dict"])
         try:
-            unwrap(self.model).load_state_dict(state_dict)
+            self.model.load_state_dict(state_dict)
         except RuntimeError as err:
             raise ValueError(f"checkpoint {path} does not fit this model: {err}") from None
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -192,17 +258,23 @@ class Trainer:
         self.log_points = list(checkpoint.get("log_points", []))
         self.last_saved = Path(path)
         logger.info("resumed from %s (epoch %d done)", path, self.start_epoch)
-        return checkpoint
+        for hook in self.hooks:
+            hook.after_resume(self)
+
+    def resume_or_start(self, path: str | Path | None = None, *, auto: bool = True) -> None:
+        """Resume from ``path``, else (with ``auto``) from the newest checkpoint of the output
+        directory, else start at epoch 0."""
+        path = path or (auto and self.checkpointer.last_checkpoint())
+        if path:
+            self.resume(path)
 
     # ----------------------------------------------------------------- training
-    def train(self, *, epoch_end_hooks: Iterable[Callable[[int], None]] = ()) -> None:
-        """Train the remaining epochs. Hooks run after each epoch, before its checkpoint is saved,
-        so what they add to ``history[-1]`` (e.g. a kNN accuracy) is saved with it."""
-        hooks = list(epoch_end_hooks)
+    def train(self) -> None:
+        """Train the remaining epochs; after each, its hooks and (periodically) a checkpoint."""
         for epoch in range(self.start_epoch, self.epochs):
             self.train_one_epoch(epoch)
-            for hook in hooks:
-                hook(epoch)
+            for hook in self.hooks:
+                self.record(epoch, hook.after_epoch(self, epoch))
             if (epoch + 1) % self.checkpoint_period == 0 or epoch + 1 == self.epochs:
                 state = self.state(epoch)  # every rank takes part (RNG gather)
                 if is_main_process():
@@ -211,6 +283,18 @@ class Trainer:
         if self.writer:
             self.writer.close()
 
+    def record(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Add ``metrics`` to epoch ``epoch``'s history entry, the log and TensorBoard."""
+        if not metrics:
+            return
+        self.history[-1].update(metrics)
+        logger.info(
+            "epoch %d: %s", epoch + 1, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        )
+        if self.writer:
+            for name, value in metrics.items():
+                self.writer.add_scalar(f"epoch/{name}", value, epoch + 1)
+
     def _set_lr(self, epoch: int) -> float:
         lr = self.lr_at_epoch(epoch)
         for group in self.optimizer.param_groups:
@@ -218,12 +302,13 @@ class Trainer:
         return lr
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
-        self.train_mode()
-        sampler = getattr(self.loader, "sampler", None)
+        """One epoch of steps; returns (and appends to ``history``) its mean metrics."""
+        self.train_model.train(self.task.train_mode)
+        sampler = getattr(self.task.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         lr = self._set_lr(epoch)
-        num_iters = len(self.loader)
+        num_iters = len(self.task.loader)
         if self.max_iters_per_epoch > 0:
             num_iters = min(num_iters, self.max_iters_per_epoch)
         bar = tqdm(
@@ -234,57 +319,33 @@ class Trainer:
             mininterval=0.5 if sys.stdout.isatty() else 30.0,
             file=sys.stdout,
         )
-        epoch_sums: dict[str, torch.Tensor] = {}
-        epoch_start, epoch_images = time.perf_counter(), 0
-        window_sums: dict[str, torch.Tensor] = {}
-        window_start, window_images, window_iters = time.perf_counter(), 0, 0
+        epoch_meter, window = MetricMeter(), MetricMeter()
         # range first: zip stops before fetching a batch that would not be used.
-        for it, batch in zip(range(num_iters), self.loader, strict=False):
+        for it, batch in zip(range(num_iters), self.task.loader, strict=False):
             batch = move_to_device(batch, self.device, channels_last=self.channels_last)
+            for hook in self.hooks:
+                hook.before_step(self)
             with torch.autocast(
                 self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None
             ):
-                loss, metrics = self.step_fn(batch)
+                loss, metrics = self.task.step(self.train_model, batch)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
 
-            # Accumulate on the device: no host sync until the next log point.
-            for name, value in {"loss": loss, **metrics}.items():
-                value = value.detach().float()
-                window_sums[name] = window_sums.get(name, 0) + value
-                epoch_sums[name] = epoch_sums.get(name, 0) + value
+            values = {"loss": loss, **metrics}
             images = _batch_size(batch) * get_world_size()
-            window_images += images
-            epoch_images += images
-            window_iters += 1
+            epoch_meter.add(values, images=images)
+            window.add(values, images=images)
             bar.update(1)
             if (it + 1) % self.log_period == 0 or it + 1 == num_iters:
-                means = {k: float(v) / window_iters for k, v in window_sums.items()}
-                self._check_finite(means, epoch=epoch, it=it, lr=lr)
-                speed = window_images / max(time.perf_counter() - window_start, 1e-9)
-                bar.set_postfix(
-                    {**{k: f"{v:.4g}" for k, v in means.items()}, "img/s": f"{speed:.0f}"}
-                )
-                step = epoch * num_iters + it + 1
-                self.log_points.append({"iteration": step, **means, "lr": lr})
-                if self.writer:
-                    for name, value in means.items():
-                        self.writer.add_scalar(f"train/{name}", value, step)
-                    self.writer.add_scalar("train/lr", lr, step)
-                    self.writer.add_scalar("train/images_per_s", speed, step)
-                window_sums, window_start, window_images, window_iters = (
-                    {},
-                    time.perf_counter(),
-                    0,
-                    0,
-                )
+                self._log_window(window, epoch=epoch, it=it, num_iters=num_iters, lr=lr, bar=bar)
+                window = MetricMeter()
         bar.close()
-        summary = {k: float(all_reduce_mean(v / num_iters)) for k, v in epoch_sums.items()}
-        seconds = time.perf_counter() - epoch_start
-        summary.update(lr=lr, seconds=seconds)
-        summary["images_per_s"] = epoch_images / seconds
+        summary = {k: float(all_reduce_mean(v)) for k, v in epoch_meter.means().items()}
+        seconds = epoch_meter.seconds()
+        summary.update(lr=lr, seconds=seconds, images_per_s=epoch_meter.images / seconds)
         self.history.append({"epoch": epoch + 1, **summary})
         logger.info(
             "epoch %d/%d: %s",
@@ -297,15 +358,47 @@ class Trainer:
                 self.writer.add_scalar(f"epoch/{name}", value, epoch + 1)
         return summary
 
-    def _check_finite(self, means: dict[str, float], *, epoch: int, it: int, lr: float) -> None:
-        if all(math.isfinite(v) for v in means.values()):
-            return
-        values = ", ".join(f"{k}={v}" for k, v in means.items())
-        last = self.last_saved or "none written yet"
-        raise NonFiniteLossError(
-            f"non-finite training values at epoch {epoch + 1}, iteration {it + 1} (lr {lr:g}): "
-            f"{values}; stopping. The last checkpoint ({last}) is intact."
-        )
+    def _log_window(
+        self, window: MetricMeter, *, epoch: int, it: int, num_iters: int, lr: float, bar: tqdm
+    ) -> None:
+        """Progress bar, log point and TensorBoard for the steps since the last log point."""
+        means = {k: float(v) / window.steps for k, v in window.sums.items()}  # the one host sync
+        if not all(math.isfinite(v) for v in means.values()):
+            values = ", ".join(f"{k}={v}" for k, v in means.items())
+            raise NonFiniteLossError(
+                f"non-finite training values at epoch {epoch + 1}, iteration {it + 1}"
+                f" (lr {lr:g}): {values}; stopping. The last checkpoint"
+                f" ({self.last_saved or 'none written yet'}) is intact."
+            )
+        step = epoch * num_iters + it + 1
+        speed = window.images / max(window.seconds(), 1e-9)
+        bar.set_postfix({**{k: f"{v:.4g}" for k, v in means.items()}, "img/s": f"{speed:.0f}"})
+        self.log_points.append({"iteration": step, **means, "lr": lr})
+        if self.writer:
+            for name, value in {**means, "lr": lr, "images_per_s": speed}.items():
+                self.writer.add_scalar(f"train/{name}", value, step)
+
+
+class MetricMeter:
+    """Sums of per-step metric tensors on the device (no host sync), images and wall time."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = self.images = 0
+        self.start = time.perf_counter()
+
+    def add(self, values: Metrics, *, images: int) -> None:
+        for name, value in values.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.steps += 1
+        self.images += images
+
+    def means(self) -> Metrics:
+        return {name: total / self.steps for name, total in self.sums.items()}
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
 
 
 def _batch_size(batch: Any) -> int:
@@ -315,7 +408,6 @@ def _batch_size(batch: Any) -> int:
     return int(first.shape[0])
 
 
-# --------------------------------------------------------------------- config-driven runs
 def start_run(cfg: CfgNode) -> torch.device:
     """Join the process group (if any), log to ``OUTPUT_DIR``, seed, write the resolved config."""
     device = init_distributed()
@@ -325,51 +417,3 @@ def start_run(cfg: CfgNode) -> torch.device:
     if is_main_process():
         (output_dir / "config.yaml").write_text(cfg.dump())
     return device
-
-
-def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` in DistributedDataParallel when there are several processes, else as is."""
-    if get_world_size() == 1:
-        return model
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=[device] if device.type == "cuda" else None
-    )
-
-
-def build_trainer(
-    cfg: CfgNode,
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loader: DataLoader,
-    step_fn: StepFn,
-    device: torch.device,
-    **options: Any,
-) -> Trainer:
-    """A :class:`Trainer` with the schedule, precision, logging and checkpoint keys of ``cfg``.
-
-    The lr schedule starts from the optimizer's lr; ``options`` are further Trainer arguments.
-    """
-    schedule = functools.partial(
-        lr_at_epoch, optimizer.defaults["lr"], schedule=cfg.SOLVER.LR_SCHEDULE,
-        epochs=cfg.SOLVER.EPOCHS, steps=cfg.SOLVER.STEPS, gamma=cfg.SOLVER.GAMMA,
-    )  # fmt: skip
-    return Trainer(
-        model=model,
-        optimizer=optimizer,
-        loader=loader,
-        step_fn=step_fn,
-        lr_at_epoch=schedule,
-        epochs=cfg.SOLVER.EPOCHS,
-        checkpointer=Checkpointer(cfg.OUTPUT_DIR, keep_last=cfg.TRAIN.KEEP_LAST),
-        arch=cfg.MODEL.ARCH,
-        device=device,
-        amp_dtype=AMP_DTYPES[cfg.TRAIN.AMP_DTYPE],
-        channels_last=device.type == "cuda" and cfg.TRAIN.CHANNELS_LAST,
-        log_period=cfg.TRAIN.LOG_PERIOD,
-        checkpoint_period=cfg.TRAIN.CHECKPOINT_PERIOD,
-        max_iters_per_epoch=cfg.SOLVER.MAX_ITERS_PER_EPOCH,
-        config_yaml=cfg.dump(),
-        tensorboard_dir=Path(cfg.OUTPUT_DIR) / "tensorboard",
-        **options,
-    )

@@ -39,12 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fvcore.common.config import CfgNode
 from PIL import Image
 from torch import nn
 from torchvision.ops import roi_align
-
-from .data import augmentation_options
 
 # ITU-R 601-2 luma, the weights of torchvision's rgb_to_grayscale (and, /1000, of PIL's "L").
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
@@ -433,19 +430,16 @@ def default_pre_size(image_size: int) -> int:
     return round(1.5 * image_size)
 
 
-def build_device_augment(cfg: CfgNode) -> GpuMocoAugment:
-    """The device twin of ``data.build_pretrain_transform(cfg)`` (same ``DATA.*`` keys)."""
-    return GpuMocoAugment(**augmentation_options(cfg))
-
-
 def device_augment_step(
-    step_fn: Callable[[Any], Any], augment: GpuMocoAugment
-) -> Callable[[Any], Any]:
-    """Wrap a ``step_fn(((im_q, im_k), labels))`` to take :class:`DecodeResize` batches
+    step_fn: Callable[[Any, Any], Any], augment: GpuMocoAugment
+) -> Callable[[Any, Any], Any]:
+    """Wrap a ``step_fn(model, ((im_q, im_k), labels))`` to take :class:`DecodeResize` batches
     ``((images, sizes), labels)`` already on the device, and augment them there."""
 
-    def step(batch: Any) -> Any:
+    def step(model: Any, batch: Any) -> Any:
         (images, sizes), labels = batch
-        return step_fn((augment.two_crops(images, source_sizes=sizes), labels))
+        with torch.profiler.record_function("moco/augment"):
+            views = augment.two_crops(images, source_sizes=sizes)
+        return step_fn(model, (views, labels))
 
     return step

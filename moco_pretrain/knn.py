@@ -25,10 +25,8 @@ from .distributed import concat_all_gather, get_world_size
 __all__ = [
     "extract_features",
     "knn_accuracy",
-    "knn_classify",
     "knn_evaluate",
     "knn_scores",
-    "knn_top1",
     "topk_accuracy",
 ]
 
@@ -265,33 +263,6 @@ def knn_scores(
     return scores
 
 
-def knn_classify(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    *,
-    num_classes: int,
-    k: int = 200,
-    temperature: float = 0.07,
-    chunk_size: int = 1024,
-    bank_chunk_size: int = 65536,
-) -> torch.Tensor:
-    """Predicted class ``[M]`` (int64) of each query: the arg-max of :func:`knn_scores`.
-
-    Ties go to the lowest class index.
-    """
-    return knn_scores(
-        train_features,
-        train_labels,
-        test_features,
-        num_classes=num_classes,
-        k=k,
-        temperature=temperature,
-        chunk_size=chunk_size,
-        bank_chunk_size=bank_chunk_size,
-    ).argmax(dim=1)
-
-
 def knn_accuracy(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -342,33 +313,6 @@ def topk_accuracy(
     ranked = scores.float().topk(min(max(topk), scores.shape[1]), dim=1).indices  # [M, n]
     hits = ranked == labels.to(ranked.device).view(-1, 1)  # [M, n]
     return {f"top{n}": 100.0 * float(hits[:, :n].any(dim=1).sum()) / scores.shape[0] for n in topk}
-
-
-def knn_top1(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    *,
-    num_classes: int,
-    k: int = 200,
-    temperature: float = 0.07,
-    chunk_size: int = 1024,
-    bank_chunk_size: int = 65536,
-) -> float:
-    """Top-1 accuracy of the weighted kNN classifier, in percent."""
-    return knn_accuracy(
-        train_features,
-        train_labels,
-        test_features,
-        test_labels,
-        num_classes=num_classes,
-        k=k,
-        temperature=temperature,
-        chunk_size=chunk_size,
-        bank_chunk_size=bank_chunk_size,
-        topk=(1,),
-    )["top1"]
 
 
 def knn_evaluate(

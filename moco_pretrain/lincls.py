@@ -27,7 +27,6 @@ Deviations from the official script, on purpose:
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +37,13 @@ from fvcore.common.config import CfgNode
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import atomic_save, atomic_write_json, load_checkpoint, with_ddp_prefix
+from .checkpoint import atomic_save, load_checkpoint, with_ddp_prefix
+from .config import dataset_options, eval_transform_options
 from .data import (
     build_dataset,
     build_eval_loader,
     build_train_loader,
+    eval_transform,
     limit_samples,
     linear_train_transform,
     num_classes_of,
@@ -52,15 +53,15 @@ from .distributed import (
     is_main_process,
     per_process_batch_size,
 )
-from .engine import Trainer, build_trainer, logger, start_run, unwrap, wrap_distributed
+from .engine import Hook, Runner, Task, logger, start_run, unwrap
 from .knn import extract_features, topk_accuracy
 from .models import build_backbone, build_resnet
+from .results import write_results
 from .schedules import scaled_lr
 from .weights import BackboneWeights, load_backbone_state_dict
 
 INIT_STD = 0.01  # std of the new linear layer's weights (official protocol)
 BEST_CHECKPOINT = "model_best.pth.tar"
-RESULTS_FILE = "results.json"
 
 
 class FrozenBackboneError(RuntimeError):
@@ -149,10 +150,9 @@ def check_backbone_unchanged(model: nn.Module, reference: dict[str, torch.Tensor
 
 # ------------------------------------------------------------------ data, step, evaluation
 def build_lincls_train_loader(cfg: CfgNode) -> DataLoader:
-    transform = linear_train_transform(
-        size=cfg.DATA.IMAGE_SIZE, mean=cfg.DATA.MEAN, std=cfg.DATA.STD
-    )
-    dataset = build_dataset(cfg, split=cfg.DATA.TRAIN_SPLIT, transform=transform)
+    """``DATA.TRAIN_SPLIT`` with RandomResizedCrop + flip, shuffled per epoch."""
+    transform = linear_train_transform(**eval_transform_options(cfg))
+    dataset = build_dataset(**dataset_options(cfg), split=cfg.DATA.TRAIN_SPLIT, transform=transform)
     return build_train_loader(
         limit_samples(dataset, cfg.DATA.MAX_SAMPLES),
         batch_size=per_process_batch_size(cfg.SOLVER.BATCH_SIZE),
@@ -160,6 +160,18 @@ def build_lincls_train_loader(cfg: CfgNode) -> DataLoader:
         num_workers=cfg.DATA.NUM_WORKERS,
         drop_last=False,
     )
+
+
+def build_eval_loader_of(
+    cfg: CfgNode, *, split: str, batch_size: int, max_samples: int = 0
+) -> DataLoader:
+    """Un-augmented batches of ``split`` (its first ``max_samples`` images when > 0)."""
+    transform = eval_transform(**eval_transform_options(cfg))
+    dataset = build_dataset(**dataset_options(cfg), split=split, transform=transform)
+    return build_eval_loader(
+        limit_samples(dataset, max_samples), batch_size=batch_size,
+        num_workers=cfg.DATA.NUM_WORKERS,
+    )  # fmt: skip
 
 
 def linear_step(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -176,35 +188,95 @@ def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device) -> d
     return topk_accuracy(logits, labels, topk=(1, 5))  # logits: NxC, labels: N
 
 
-def write_results(
-    output_dir: str | Path,
+def write_lincls_results(
+    cfg: CfgNode,
     *,
     task: str,
     metrics: dict[str, float],
-    cfg: CfgNode,
     weights: BackboneWeights | None = None,
+    output_dir: str | Path | None = None,
     **extra: Any,
 ) -> Path:
-    """``results.json``: ``task``, ``metrics``, the resolved ``config``, any ``extra`` entries and,
-    for pretrained ``weights``, their ``checkpoint`` path, ``checkpoint_sha256`` and ``layout``."""
-    result: dict[str, Any] = {"task": task, "metrics": metrics}
+    """``results.json`` (:mod:`moco_pretrain.results`) of a classification or kNN task, with the
+    provenance of the pretrained ``weights``, in ``output_dir`` (default ``OUTPUT_DIR``)."""
+    provenance = None
     if weights is not None:
-        result.update(
-            checkpoint=str(Path(weights.meta["path"]).resolve()),
-            checkpoint_sha256=weights.meta["sha256"],
-            layout=weights.layout,
-        )
-    result.update(config=yaml.safe_load(cfg.dump()), **extra)
-    path = Path(output_dir) / RESULTS_FILE
-    atomic_write_json(path, result)
-    return path
+        provenance = {
+            "checkpoint": str(Path(weights.meta["path"]).resolve()),
+            "checkpoint_sha256": weights.meta["sha256"],
+            "layout": weights.layout,
+        }
+    return write_results(
+        output_dir or cfg.OUTPUT_DIR, task=task, metrics=metrics,
+        config=yaml.safe_load(cfg.dump()), weights=provenance, **extra,
+    )  # fmt: skip
 
 
-# ------------------------------------------------------------------ the run
-def build_lincls_trainer(
-    cfg: CfgNode, model: nn.Module, *, loader: DataLoader, device: torch.device
-) -> Trainer:
-    """SGD on ``fc`` only, (DDP,) and the shared :class:`Trainer` with the whole model in eval mode."""
+# ------------------------------------------------------------------ the task
+class Validation(Hook):
+    """Top-1/top-5 on the validation split after every epoch (``val_top1``, ``val_top5``); keeps
+    ``model_best.pth.tar``; checks the frozen backbone after a resume and after the first epoch."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loader: DataLoader,
+        reference: dict[str, torch.Tensor],
+        *,
+        best_path: Path,
+        arch: str,
+        pretrained: str | Path,
+    ) -> None:
+        self.model, self.loader, self.reference = model, loader, reference
+        self.best_path, self.arch, self.pretrained = best_path, arch, pretrained
+        self.best_top1 = load_checkpoint(best_path)["best_acc1"] if best_path.is_file() else None
+        self.last: dict[str, float] | None = None  # the newest validation of this process
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.model, self.loader, device=next(self.model.parameters()).device)
+
+    def after_resume(self, runner: Runner) -> None:
+        try:
+            check_backbone_unchanged(self.model, self.reference)
+        except FrozenBackboneError as err:
+            raise FrozenBackboneError(
+                f"{runner.last_saved} holds a classifier trained on other pretrained weights than"
+                f" {self.pretrained}: {err}"
+            ) from None
+
+    def after_epoch(self, runner: Runner, epoch: int) -> dict[str, float]:
+        metrics = self.evaluate()
+        self.last = {"epoch": epoch + 1, **metrics}
+        if epoch == runner.start_epoch:
+            check_backbone_unchanged(self.model, self.reference)
+        if self.best_top1 is None or metrics["top1"] > self.best_top1:
+            self.best_top1 = metrics["top1"]
+            if is_main_process():
+                atomic_save(
+                    {
+                        "epoch": epoch + 1,
+                        "arch": self.arch,
+                        "state_dict": with_ddp_prefix(self.model.state_dict()),
+                        "best_acc1": metrics["top1"],
+                        "top5": metrics["top5"],
+                    },
+                    self.best_path,
+                )
+        return {f"val_{name}": value for name, value in metrics.items()}
+
+
+def lincls_task(
+    cfg: CfgNode, device: torch.device, *, weights: BackboneWeights, pretrained: str | Path
+) -> Task:
+    """A linear classifier on the frozen backbone of ``weights``, SGD on ``fc`` only, the whole
+    model in eval mode, and its :class:`Validation` hook."""
+    reference = {k: v.clone() for k, v in weights.state_dict.items()}  # for the sanity check
+    loader = build_lincls_train_loader(cfg)
+    val_loader = build_eval_loader_of(
+        cfg, split=cfg.DATA.VAL_SPLIT, batch_size=per_process_batch_size(cfg.SOLVER.BATCH_SIZE)
+    )
+    model = build_linear_classifier(cfg, weights, num_classes=num_classes_of(loader.dataset))
+    model = model.to(device)
     if device.type == "cuda" and cfg.TRAIN.CHANNELS_LAST:
         model.to(memory_format=torch.channels_last)
     if cfg.TRAIN.COMPILE:
@@ -214,17 +286,17 @@ def build_lincls_trainer(
     optimizer = torch.optim.SGD(
         params, lr, momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY
     )
-    train_model = wrap_distributed(model, device)
     logger.info(
         "linear classification: %d processes x %d images = batch %d, lr %.4g (= %.4g x %d / 256)",
         get_world_size(), loader.batch_size, cfg.SOLVER.BATCH_SIZE, lr, cfg.SOLVER.BASE_LR,
         cfg.SOLVER.BATCH_SIZE,
     )  # fmt: skip
-    return build_trainer(
-        cfg, model=train_model, optimizer=optimizer, loader=loader,
-        step_fn=functools.partial(linear_step, train_model), device=device,
-        train_mode=train_model.eval,  # the whole model, BN included, stays in eval mode
+    validation = Validation(
+        model, val_loader, reference, best_path=Path(cfg.OUTPUT_DIR) / BEST_CHECKPOINT,
+        arch=cfg.MODEL.ARCH, pretrained=pretrained,
     )  # fmt: skip
+    # train_mode False: the whole model, BN included, stays in eval mode
+    return Task(model, optimizer, loader, linear_step, hooks=[validation], train_mode=False)
 
 
 def run_lincls(
@@ -242,65 +314,23 @@ def run_lincls(
     (written by rank 0).
     """
     device = start_run(cfg)
-    output_dir = Path(cfg.OUTPUT_DIR)
     weights = load_pretrained(cfg, pretrained, prefix=prefix)
-    reference = {k: v.clone() for k, v in weights.state_dict.items()}  # for the sanity check
-    loader = build_lincls_train_loader(cfg)
-    val_loader = build_eval_loader(
-        cfg, split=cfg.DATA.VAL_SPLIT, batch_size=per_process_batch_size(cfg.SOLVER.BATCH_SIZE)
-    )
-    model = build_linear_classifier(cfg, weights, num_classes=num_classes_of(loader.dataset))
-    model = model.to(device)
-    trainer = build_lincls_trainer(cfg, model, loader=loader, device=device)
-    resume = resume or (cfg.TRAIN.AUTO_RESUME and trainer.checkpointer.last_checkpoint())
-    if resume:
-        trainer.resume(resume)
-        try:
-            check_backbone_unchanged(model, reference)
-        except FrozenBackboneError as err:
-            raise FrozenBackboneError(
-                f"{resume} holds a classifier trained on other pretrained weights than"
-                f" {pretrained}: {err}"
-            ) from None
-    elif evaluate_only:
+    task = lincls_task(cfg, device, weights=weights, pretrained=pretrained)
+    (validation,) = task.hooks
+    runner = Runner.from_config(cfg, task, device=device)
+    runner.resume_or_start(resume, auto=cfg.TRAIN.AUTO_RESUME)
+    if evaluate_only and runner.start_epoch == 0:
         raise ValueError(
             "--evaluate needs a trained classifier: pass --resume or use the OUTPUT_DIR of a run"
         )
-    best_path = output_dir / BEST_CHECKPOINT
-    best = {"top1": load_checkpoint(best_path)["best_acc1"]} if best_path.is_file() else {}
-    history: list[dict[str, float]] = []
-
-    def validate(epoch: int) -> None:
-        metrics = evaluate(model, val_loader, device=device)
-        history.append({"epoch": epoch + 1, **metrics})
-        logger.info("epoch %d: val top-1 %.2f %%, top-5 %.2f %%", epoch + 1, *metrics.values())
-        if trainer.writer:
-            for name, value in metrics.items():
-                trainer.writer.add_scalar(f"val/{name}", value, epoch + 1)
-        if epoch == trainer.start_epoch:
-            check_backbone_unchanged(model, reference)
-        if metrics["top1"] > best.get("top1", -1.0):
-            best["top1"] = metrics["top1"]
-            if is_main_process():
-                atomic_save(
-                    {
-                        "epoch": epoch + 1,
-                        "arch": cfg.MODEL.ARCH,
-                        "state_dict": with_ddp_prefix(model.state_dict()),
-                        "best_acc1": metrics["top1"],
-                        "top5": metrics["top5"],
-                    },
-                    best_path,
-                )
-
     if not evaluate_only:
-        trainer.train(epoch_end_hooks=[validate])
-    if not history:  # --evaluate, or resumed from a finished run
-        history.append({"epoch": trainer.start_epoch, **evaluate(model, val_loader, device=device)})
-    check_backbone_unchanged(model, reference)
-    final = history[-1]
+        runner.train()
+    # --evaluate, or resumed from a finished run: evaluate the classifier as it is
+    final = validation.last or {"epoch": runner.start_epoch, **validation.evaluate()}
+    check_backbone_unchanged(task.model, validation.reference)
     metrics = {"top1": final["top1"], "top5": final["top5"]}
-    extra = {"epoch": final["epoch"], "best_top1": best.get("top1", final["top1"])}
+    best_top1 = validation.best_top1 if validation.best_top1 is not None else final["top1"]
+    extra = {"epoch": final["epoch"], "best_top1": best_top1}
     if is_main_process():
-        write_results(output_dir, task="lincls", metrics=metrics, weights=weights, cfg=cfg, **extra)
+        write_lincls_results(cfg, task="lincls", metrics=metrics, weights=weights, **extra)
     return {"task": "lincls", "metrics": metrics, **extra}

@@ -32,15 +32,23 @@ def master_port_for(job_id: str) -> int:
 
 
 class PretrainJob:
-    """A submitit callable: ``moco-pretrain ARGV`` in every task; requeues itself on preemption."""
+    """A submitit callable: the pretraining task of ``config_file`` + ``opts`` in every SLURM
+    task; requeues itself on preemption.
 
-    def __init__(self, argv: Sequence[str]) -> None:
-        self.argv = list(argv)
+    Args:
+        config_file: a recipe path or name under ``configs/``.
+        opts: ``KEY VALUE`` overrides.
+        resume: a checkpoint to resume the first submission from (None: auto-resume).
+    """
+
+    def __init__(self, config_file: str, opts: Sequence[str], resume: str | None = None) -> None:
+        self.config_file, self.opts, self.resume = config_file, list(opts), resume
 
     def __call__(self) -> None:
         import submitit
 
-        from .cli.pretrain import main
+        from .config import setup_cfg
+        from .pretrain import run_pretraining
 
         env = submitit.JobEnvironment()
         os.environ.update(
@@ -52,18 +60,20 @@ class PretrainJob:
                 master_port=master_port_for(str(env.job_id)),
             )
         )
-        main(self.argv)
+        run_pretraining(setup_cfg(self.config_file, self.opts), resume=self.resume)
 
     def checkpoint(self) -> Any:
         """Called by submitit on preemption or timeout: resubmit; training auto-resumes."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(PretrainJob(self.argv))
+        return submitit.helpers.DelayedSubmission(PretrainJob(self.config_file, self.opts))
 
 
 def submit(
-    argv: Sequence[str],
+    config_file: str,
+    opts: Sequence[str],
     *,
+    resume: str | None = None,
     job_dir: str,
     nodes: int,
     gpus_per_node: int,
@@ -73,7 +83,7 @@ def submit(
     slurm_options: dict[str, Any] | None = None,
     cluster: str | None = None,
 ) -> Any:
-    """Submit ``moco-pretrain argv`` as one SLURM job; returns the submitit job.
+    """Submit the pretraining of ``config_file`` + ``opts`` as one SLURM job; returns the job.
 
     ``cluster="debug"`` runs the job in this process (submitit's debug executor), for trials.
     """
@@ -91,4 +101,4 @@ def submit(
         slurm_signal_delay_s=120,
         slurm_additional_parameters=slurm_options or {},
     )
-    return executor.submit(PretrainJob(argv))
+    return executor.submit(PretrainJob(config_file, opts, resume))

@@ -8,20 +8,24 @@ same table as the self-supervised encoders.
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
 from typing import Any
 
 import torch
 from fvcore.common.config import CfgNode
 from torch import nn
 
-from .data import build_eval_loader, num_classes_of
+from .data import num_classes_of
 from .distributed import get_world_size, is_main_process, per_process_batch_size
-from .engine import build_trainer, logger, start_run, unwrap, wrap_distributed
-from .lincls import build_lincls_train_loader, evaluate, linear_step, write_results
+from .engine import Runner, Task, logger, start_run, unwrap
+from .knn_eval import knn_metrics_of
+from .lincls import (
+    build_eval_loader_of,
+    build_lincls_train_loader,
+    evaluate,
+    linear_step,
+    write_lincls_results,
+)
 from .models import build_backbone, build_resnet
-from .pretrain import knn_metrics_of
 from .schedules import scaled_lr
 
 __all__ = ["backbone_of_classifier", "run_supervised"]
@@ -35,17 +39,9 @@ def backbone_of_classifier(model: nn.Module, cfg: CfgNode) -> nn.Module:
     return backbone.to(next(model.parameters()).device).eval()
 
 
-def run_supervised(cfg: CfgNode) -> dict[str, Any]:
-    """Train ``MODEL.ARCH`` with labels on ``DATA.TRAIN_SPLIT``; evaluate on ``DATA.VAL_SPLIT``.
-
-    Auto-resumes from ``OUTPUT_DIR``. Writes ``OUTPUT_DIR/results.json`` (task ``supervised``,
-    metrics ``top1``, ``top5``, ``knn_top1``) and returns its essentials.
-    """
-    device = start_run(cfg)
+def supervised_task(cfg: CfgNode, device: torch.device) -> Task:
+    """``MODEL.ARCH`` with a new classifier, every layer trained with labels, SGD."""
     loader = build_lincls_train_loader(cfg)
-    val_loader = build_eval_loader(
-        cfg, split=cfg.DATA.VAL_SPLIT, batch_size=per_process_batch_size(cfg.SOLVER.BATCH_SIZE)
-    )
     model = build_resnet(
         cfg.MODEL.ARCH, num_classes=num_classes_of(loader.dataset), small_stem=cfg.MODEL.SMALL_STEM
     ).to(device)
@@ -53,24 +49,32 @@ def run_supervised(cfg: CfgNode) -> dict[str, Any]:
     optimizer = torch.optim.SGD(
         model.parameters(), lr, momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY
     )
-    train_model = wrap_distributed(model, device)
     logger.info(
         "supervised %s: %d processes x %d images = batch %d, lr %.4g",
         cfg.MODEL.ARCH, get_world_size(), loader.batch_size, cfg.SOLVER.BATCH_SIZE, lr,
     )  # fmt: skip
-    trainer = build_trainer(
-        cfg, model=train_model, optimizer=optimizer, loader=loader,
-        step_fn=functools.partial(linear_step, train_model), device=device,
-    )  # fmt: skip
-    resume = cfg.TRAIN.AUTO_RESUME and trainer.checkpointer.last_checkpoint()
-    if resume:
-        trainer.resume(resume)
-    trainer.train()
-    metrics = evaluate(model, val_loader, device=device)
-    knn, bank_size = knn_metrics_of(backbone_of_classifier(model, cfg), cfg, device)
+    return Task(model, optimizer, loader, linear_step)
+
+
+def run_supervised(cfg: CfgNode) -> dict[str, Any]:
+    """Train ``MODEL.ARCH`` with labels on ``DATA.TRAIN_SPLIT``; evaluate on ``DATA.VAL_SPLIT``.
+
+    Auto-resumes from ``OUTPUT_DIR``. Writes ``OUTPUT_DIR/results.json`` (task ``supervised``,
+    metrics ``top1``, ``top5``, ``knn_top1``) and returns its essentials.
+    """
+    device = start_run(cfg)
+    task = supervised_task(cfg, device)
+    runner = Runner.from_config(cfg, task, device=device)
+    runner.resume_or_start(auto=cfg.TRAIN.AUTO_RESUME)
+    runner.train()
+    val_loader = build_eval_loader_of(
+        cfg, split=cfg.DATA.VAL_SPLIT, batch_size=per_process_batch_size(cfg.SOLVER.BATCH_SIZE)
+    )
+    metrics = evaluate(task.model, val_loader, device=device)
+    knn, bank_size = knn_metrics_of(backbone_of_classifier(task.model, cfg), cfg, device)
     metrics["knn_top1"] = knn["top1"]
     logger.info("supervised: top-1 %.2f %%, kNN top-1 %.2f %%", metrics["top1"], knn["top1"])
-    extra = {"epochs": trainer.history, "k": cfg.KNN.K, "temperature": cfg.KNN.T}
+    extra = {"epochs": runner.history, "k": cfg.KNN.NEIGHBORS, "temperature": cfg.KNN.TEMPERATURE}
     if is_main_process():
-        write_results(Path(cfg.OUTPUT_DIR), task="supervised", metrics=metrics, cfg=cfg, **extra)
+        write_lincls_results(cfg, task="supervised", metrics=metrics, **extra)
     return {"task": "supervised", "metrics": metrics, "bank_size": bank_size, **extra}

@@ -29,7 +29,6 @@ reported as unknown.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +37,9 @@ from typing import Any
 import torch
 
 from .checkpoint import load_checkpoint
+from .files import file_sha256
 
-__all__ = ["BackboneWeights", "CheckpointLayoutError", "file_sha256", "load_backbone_state_dict"]
+__all__ = ["BackboneWeights", "CheckpointLayoutError", "load_backbone_state_dict"]
 
 
 class CheckpointLayoutError(ValueError):
@@ -84,15 +84,6 @@ _RULES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
     ),
     "torchvision": ("", (("fc.", "classifier"),)),
 }
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes (the provenance recorded with converted weights and results)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read(path: Path) -> dict[str, Any]:

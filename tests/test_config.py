@@ -77,6 +77,48 @@ def test_values_that_cannot_run_are_rejected_on_loading(overrides, problem):
     assert str(error.value) == f"invalid config: {problem}"
 
 
+@pytest.mark.parametrize(
+    ("overrides", "world_size", "problem"),
+    [
+        (
+            ["MODEL.K", "32"],
+            1,
+            "MODEL.K is 32, smaller than one global batch (SOLVER.BATCH_SIZE 64)",
+        ),
+        (
+            ["MODEL.BN_SPLITS", "1", "SOLVER.BATCH_SIZE", "60"],
+            8,
+            "SOLVER.BATCH_SIZE 60 is not divisible by the 8 processes",
+        ),  # fmt: skip
+        (
+            [],
+            2,
+            "MODEL.BN_SPLITS is 4 under 2 processes: split BN emulates Shuffle-BN in one process;"
+            " with several, the official cross-process shuffle runs (set MODEL.BN_SPLITS 1)",
+        ),  # fmt: skip
+        (
+            ["SOLVER.BATCH_SIZE", "30"],
+            1,
+            "SOLVER.BATCH_SIZE 30 is not divisible by MODEL.BN_SPLITS 4",
+        ),
+    ],
+)
+def test_a_batch_that_cannot_be_shared_out_is_rejected_on_loading(
+    overrides, world_size, problem, monkeypatch
+):
+    """The global batch against the queue, torchrun's WORLD_SIZE and the split-BN groups."""
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    with pytest.raises(ValueError) as error:
+        setup_cfg("pretrain/moco_v2_cpu_trial.yaml", overrides)
+    assert str(error.value) == f"invalid config: {problem}"
+
+
+def test_the_same_batch_is_accepted_where_it_can_be_shared_out(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    cfg = setup_cfg("pretrain/moco_v2_cpu_trial.yaml", ["MODEL.BN_SPLITS", "1"])
+    assert cfg.SOLVER.BATCH_SIZE % 8 == 0 and cfg.MODEL.K >= cfg.SOLVER.BATCH_SIZE
+
+
 def test_every_problem_is_named_in_the_same_line():
     with pytest.raises(ValueError) as error:
         setup_cfg(None, ["SOLVER.BATCH_SIZE", "0", "MODEL.K", "-1", "DATA.AUG", "v3"])

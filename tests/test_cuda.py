@@ -4,7 +4,6 @@ channels-last, fused SGD, the vectorised momentum update, no host sync inside a 
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from moco_pretrain.config import setup_cfg
-from moco_pretrain.engine import build_trainer
+from moco_pretrain.engine import Runner, Task
 from moco_pretrain.pretrain import build_moco, build_optimizer, contrastive_step, prepare_model
 from tests.tool_loader import load_tool
 
@@ -58,10 +57,8 @@ def test_bf16_autocast_runs_the_encoders_in_bf16_and_the_logits_in_fp32():
 def test_a_bf16_channels_last_epoch_keeps_fp32_weights_and_fused_sgd_state(tmp_path):
     cfg, model = small_model("OUTPUT_DIR", str(tmp_path), "SOLVER.EPOCHS", "1")
     optimizer = build_optimizer(cfg, model)
-    trainer = build_trainer(
-        cfg, model=model, optimizer=optimizer, loader=[synthetic_batch()] * 3,
-        step_fn=functools.partial(contrastive_step, model), device=CUDA,
-    )  # fmt: skip
+    task = Task(model, optimizer, [synthetic_batch()] * 3, contrastive_step)
+    trainer = Runner.from_config(cfg, task, device=CUDA)
     assert trainer.amp_dtype == torch.bfloat16 and trainer.channels_last
     assert optimizer.defaults["fused"]
     assert model.encoder_q.conv1.weight.is_contiguous(memory_format=torch.channels_last)

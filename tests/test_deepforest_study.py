@@ -22,6 +22,7 @@ FINE_TUNE = shlex.split(
 )
 
 
+@pytest.mark.slow
 def test_study_fine_tunes_both_inits_over_trials_and_reports(tmp_path):
     pytest.importorskip("detectron2", reason="detectron2 is not installed")
     study = load_tool("deepforest_study")

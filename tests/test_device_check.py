@@ -33,6 +33,7 @@ def dry_run(tool, tmp_path_factory):
     return output, report
 
 
+@pytest.mark.slow  # the dry run: every part as a subprocess, about a minute
 def test_writes_the_report_the_tables_and_the_log_and_nothing_else(tool, dry_run):
     output, report = dry_run
     assert {path.name for path in output.iterdir()} == {
@@ -49,6 +50,7 @@ def test_writes_the_report_the_tables_and_the_log_and_nothing_else(tool, dry_run
         assert f"===== {name}: {part['status']} after {part['seconds']} s\n" in log
 
 
+@pytest.mark.slow  # the dry run: every part as a subprocess, about a minute
 def test_the_capped_part_timed_out_and_every_other_part_ran(tool, dry_run):
     _, report = dry_run
     parts = report["parts"]
@@ -66,6 +68,7 @@ def test_the_capped_part_timed_out_and_every_other_part_ran(tool, dry_run):
             assert parts[name]["seconds"] <= caps[name] and "result" in parts[name]
 
 
+@pytest.mark.slow  # the dry run: every part as a subprocess, about a minute
 def test_each_part_reports_its_figures(tool, dry_run):
     _, report = dry_run
     results = {name: part.get("result") for name, part in report["parts"].items()}
@@ -100,6 +103,7 @@ def test_each_part_reports_its_figures(tool, dry_run):
         assert "pretrain" not in results["scenes"]["seconds"]  # read back from fashion_mnist
 
 
+@pytest.mark.slow  # the dry run: every part as a subprocess, about a minute
 def test_targets_are_measured_but_not_judged_in_a_dry_run(dry_run):
     _, report = dry_run
     targets, parts = report["targets"], report["parts"]
@@ -114,6 +118,7 @@ def test_targets_are_measured_but_not_judged_in_a_dry_run(dry_run):
     assert targets["e2e_of_model_only"]["measured"] == pytest.approx(e2e_fraction)
 
 
+@pytest.mark.slow  # the dry run: every part as a subprocess, about a minute
 def test_the_markdown_tables(tool, dry_run):
     output, report = dry_run
     lines = (output / "README.md").read_text().splitlines()

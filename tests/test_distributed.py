@@ -102,6 +102,7 @@ def _pretrain_two_processes(rank: int, data_root: str, output_dir: str) -> None:
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # a whole task on two processes
 def test_pretraining_run_on_two_processes(tiny_imagefolder, tmp_path):
     """The whole engine under torchrun-like env://: DDP, sharded sampler, one checkpoint writer."""
     run_on_gloo(_pretrain_two_processes, str(tiny_imagefolder), str(tmp_path))

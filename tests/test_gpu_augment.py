@@ -13,7 +13,7 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from moco_pretrain.config import setup_cfg
+from moco_pretrain.config import augmentation_options, setup_cfg
 from moco_pretrain.data import RobustImageFolder, pretrain_transform
 from moco_pretrain.gpu_augment import (
     BRIGHTNESS,
@@ -27,7 +27,6 @@ from moco_pretrain.gpu_augment import (
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
-    build_device_augment,
     default_pre_size,
     device_augment_step,
     gaussian_blur,
@@ -306,10 +305,10 @@ def test_parameter_rates_follow_the_recipe():
 
 
 # ----------------------------------------------------------------------------- loader path
-def test_build_device_augment_reads_the_cpu_recipes_keys():
+def test_device_augment_takes_the_cpu_recipes_keys():
     opts = ["DATA.IMAGE_SIZE", "48", "DATA.AUG", "v2", "DATA.BLUR", "False"]
     cfg = setup_cfg(None, [*opts, "DATA.CROP_MIN_SCALE", "0.5", "DATA.MEAN", "[0.1, 0.2, 0.3]"])
-    augment = build_device_augment(cfg)
+    augment = GpuMocoAugment(**augmentation_options(cfg))
     assert (augment.size, augment.recipe, augment.scale, augment.blur_p) == (
         48,
         "v2",
@@ -327,13 +326,14 @@ def test_decode_loader_feeds_the_device_step(tiny_imagefolder):
     assert sizes.tolist() == [[40, 40]] * 8
     seen = {}
 
-    def step_fn(batch):
-        seen["batch"] = batch
+    def step_fn(model, batch):
+        seen["model"], seen["batch"] = model, batch
         return torch.zeros(()), {}
 
     augment = GpuMocoAugment(size=32, mean=MEAN, std=STD)
-    device_augment_step(step_fn, augment)(((images, sizes), labels))
+    device_augment_step(step_fn, augment)("model", ((images, sizes), labels))
     (im_q, im_k), got_labels = seen["batch"]
+    assert seen["model"] == "model"
     assert im_q.shape == im_k.shape == (8, 3, 32, 32) and im_q.dtype == torch.float32
     assert not torch.equal(im_q, im_k) and torch.equal(got_labels, labels)
 

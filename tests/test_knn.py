@@ -13,9 +13,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 from moco_pretrain.knn import (
     extract_features,
     knn_accuracy,
-    knn_classify,
     knn_scores,
-    knn_top1,
     topk_accuracy,
 )
 
@@ -52,17 +50,16 @@ def test_hand_computed_scores_and_predictions():
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
     assert scores[0].tolist() == pytest.approx([7.389056, 3.718282, 0.0], rel=1e-6)
     assert scores[1].tolist() == pytest.approx([0.0, 1.919810, 7.167920], rel=1e-5)
-    preds = knn_classify(BANK, BANK_LABELS, QUERIES, num_classes=3, k=3, temperature=0.5)
-    assert preds.tolist() == [0, 2]
+    assert scores.argmax(dim=1).tolist() == [0, 2]  # the predicted classes
 
 
 def test_weights_beat_majority():
     # k=4 at 170 deg: class 1 has two votes, class 2 one, but the close neighbour's weight wins
     # with a small temperature; with a huge temperature the weights flatten into a majority vote.
-    sharp = knn_classify(BANK, BANK_LABELS, QUERIES[1:], num_classes=3, k=4, temperature=0.07)
-    flat = knn_classify(BANK, BANK_LABELS, QUERIES[1:], num_classes=3, k=4, temperature=1e4)
-    assert sharp.tolist() == [2]
-    assert flat.tolist() == [1]
+    sharp = knn_scores(BANK, BANK_LABELS, QUERIES[1:], num_classes=3, k=4, temperature=0.07)
+    flat = knn_scores(BANK, BANK_LABELS, QUERIES[1:], num_classes=3, k=4, temperature=1e4)
+    assert sharp.argmax(dim=1).tolist() == [2]
+    assert flat.argmax(dim=1).tolist() == [1]
 
 
 def test_k1_is_nearest_neighbour():
@@ -70,7 +67,7 @@ def test_k1_is_nearest_neighbour():
     bank = F.normalize(torch.randn(50, 8), dim=1)
     labels = torch.randint(0, 5, (50,))
     queries = F.normalize(torch.randn(20, 8), dim=1)
-    preds = knn_classify(bank, labels, queries, num_classes=5, k=1)
+    preds = knn_scores(bank, labels, queries, num_classes=5, k=1).argmax(dim=1)
     assert torch.equal(preds, labels[(queries @ bank.T).argmax(dim=1)])
 
 
@@ -121,12 +118,15 @@ def test_accuracy_top1_top5():
         topk=(1, 2, 5),
     )
     assert acc == {"top1": 50.0, "top2": 100.0, "top5": 100.0}
-    assert knn_top1(BANK, BANK_LABELS, QUERIES, torch.tensor([0, 2]), num_classes=3, k=3) == 100.0
+    labels = torch.tensor([0, 2])
+    assert knn_accuracy(BANK, BANK_LABELS, QUERIES, labels, num_classes=3, k=3, topk=(1,)) == {
+        "top1": 100.0
+    }
 
 
 def test_k_larger_than_bank_raises():
     with pytest.raises(ValueError, match=r"k=5 must be between 1 and the bank size N=4"):
-        knn_classify(BANK, BANK_LABELS, QUERIES, num_classes=3, k=5)
+        knn_scores(BANK, BANK_LABELS, QUERIES, num_classes=3, k=5)
 
 
 @pytest.mark.parametrize(

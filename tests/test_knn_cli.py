@@ -14,7 +14,7 @@ from .distributed_utils import run_on_gloo
 from .test_lincls import _image_folder, _moco_checkpoint
 
 OPTS = ["MODEL.ARCH", "resnet18", "DATA.IMAGE_SIZE", "16", "DATA.NUM_WORKERS", "0",
-        "KNN.K", "5", "KNN.BATCH_SIZE", "5"]  # fmt: skip
+        "KNN.NEIGHBORS", "5", "KNN.BATCH_SIZE_PER_PROCESS", "5"]  # fmt: skip
 
 
 def _run(tmp_path) -> None:
@@ -35,7 +35,7 @@ def _check_results(tmp_path) -> dict:
     assert result["metrics"]["top5"] == 100.0  # 3 classes
     digest = hashlib.sha256((tmp_path / "moco.pth").read_bytes()).hexdigest()
     assert result["checkpoint_sha256"] == digest
-    assert (result["k"], result["bank_size"], result["config"]["KNN"]["K"]) == (5, 9, 5)
+    assert (result["k"], result["bank_size"], result["config"]["KNN"]["NEIGHBORS"]) == (5, 9, 5)
     return result
 
 
@@ -53,6 +53,7 @@ def _ddp_worker(rank: int, tmp_path) -> None:
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # a whole task on two processes
 def test_knn_cli_two_processes_match_one(tmp_path):
     _setup(tmp_path)
     run_on_gloo(_ddp_worker, tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -272,14 +273,12 @@ def test_run_stops_when_the_backbone_moves(tmp_path, monkeypatch):
     """A bug that trains BN statistics (the backbone in training mode) is caught after epoch 1."""
     _image_folder(tmp_path / "data", per_class=2)
     torch.save(_moco_checkpoint(mlp=True), tmp_path / "moco.pth.tar")
-    build = lincls.build_lincls_trainer
+    build = lincls.lincls_task
 
-    def buggy_trainer(cfg, model, **kwargs):
-        trainer = build(cfg, model, **kwargs)
-        trainer.train_mode = model.train
-        return trainer
+    def buggy_task(*args, **kwargs):
+        return dataclasses.replace(build(*args, **kwargs), train_mode=True)
 
-    monkeypatch.setattr(lincls, "build_lincls_trainer", buggy_trainer)
+    monkeypatch.setattr(lincls, "lincls_task", buggy_task)
     with pytest.raises(FrozenBackboneError, match="running_mean"):
         run_lincls(_tiny_cfg(tmp_path, "SOLVER.EPOCHS", "2"), pretrained=tmp_path / "moco.pth.tar")
 
@@ -309,6 +308,7 @@ def _lincls_worker(rank: int, tmp_path) -> None:
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # a whole task on two processes
 def test_two_process_lincls(tmp_path):
     _image_folder(tmp_path / "data", per_class=3)  # 9 val images: the sampler pads one
     torch.save(_moco_checkpoint(mlp=True), tmp_path / "moco.pth.tar")

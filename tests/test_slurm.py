@@ -6,7 +6,7 @@ import pytest
 
 from moco_pretrain import slurm
 from moco_pretrain.checkpoint import load_checkpoint
-from moco_pretrain.cli import pretrain as pretrain_cli
+from moco_pretrain.config import resolve_config_file
 
 from .test_training import tiny_cfg
 
@@ -25,12 +25,14 @@ def test_torchrun_environment_for_a_task():
     assert 20000 <= slurm.master_port_for("987654_3") < 40000
 
 
-def test_preempted_job_requeues_itself_with_the_same_arguments():
-    job = slurm.PretrainJob(["--config-file", "pretrain/moco_v2_800ep.yaml", "DATA.ROOT", "/data"])
+def test_preempted_job_requeues_itself_with_the_same_recipe_and_auto_resume():
+    job = slurm.PretrainJob("pretrain/moco_v2_800ep.yaml", ["DATA.ROOT", "/data"], "first.pth.tar")
     resubmission = job.checkpoint()
     assert isinstance(resubmission, submitit.helpers.DelayedSubmission)
-    assert isinstance(resubmission.function, slurm.PretrainJob)
-    assert resubmission.function.argv == job.argv
+    requeued = resubmission.function
+    assert isinstance(requeued, slurm.PretrainJob)
+    assert (requeued.config_file, requeued.opts) == ("pretrain/moco_v2_800ep.yaml", job.opts)
+    assert requeued.resume is None  # the requeued job resumes from its own newest checkpoint
 
 
 def test_debug_submission_trains_and_requeue_resumes(tiny_imagefolder, tmp_path, monkeypatch):
@@ -43,10 +45,9 @@ def test_debug_submission_trains_and_requeue_resumes(tiny_imagefolder, tmp_path,
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(slurm, "torchrun_environment", lambda **kw: {})  # one process, no group
     for epochs in (1, 2):  # the second submission continues from the first one's checkpoint
-        argv = ["--config-file", str(recipe), *base[:-1], str(epochs)]
         job = slurm.submit(
-            argv, job_dir=str(tmp_path / "jobs"), nodes=1, gpus_per_node=1, timeout_min=5,
-            cluster="debug",
+            str(recipe), [*base[:-1], str(epochs)], job_dir=str(tmp_path / "jobs"), nodes=1,
+            gpus_per_node=1, timeout_min=5, cluster="debug",
         )  # fmt: skip
         job.result()
         checkpoint = load_checkpoint(tmp_path / "out" / f"checkpoint_{epochs - 1:04d}.pth.tar")
@@ -60,14 +61,30 @@ def test_submit_cli_forwards_pretraining_arguments(monkeypatch):
 
     calls = {}
     monkeypatch.setattr(
-        submit_cli, "submit", lambda argv, **kw: calls.update(argv=argv, **kw) or _Job()
+        submit_cli,
+        "submit",
+        lambda config_file, opts, **kw: (
+            calls.update(config_file=config_file, opts=opts, **kw) or _Job()
+        ),
     )
     submit_cli.main(
         ["--nodes", "2", "--config-file", "pretrain/moco_v2_200ep.yaml", "DATA.ROOT", "/d"]
     )
-    assert calls["argv"] == ["--config-file", "pretrain/moco_v2_200ep.yaml", "DATA.ROOT", "/d"]
+    assert calls["config_file"] == str(resolve_config_file("pretrain/moco_v2_200ep.yaml").resolve())
+    assert calls["opts"] == ["DATA.ROOT", "/d"] and calls["resume"] is None
     assert calls["nodes"] == 2 and calls["gpus_per_node"] == 8
-    assert pretrain_cli.get_parser().parse_args(calls["argv"]).opts == ["DATA.ROOT", "/d"]
+
+
+def test_submit_cli_rejects_a_bad_recipe_before_submitting(monkeypatch, capsys):
+    from moco_pretrain.cli import submit as submit_cli
+
+    monkeypatch.setattr(submit_cli, "submit", lambda *a, **kw: pytest.fail("submitted"))
+    with pytest.raises(SystemExit) as exit_info:
+        submit_cli.main(["--config-file", "pretrain/moco_v2_200ep.yaml", "MODEL.K", "100"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        "moco-submit: error: invalid config: MODEL.K is 100, smaller than one global batch"
+    )
 
 
 class _Job:

@@ -7,8 +7,8 @@ import json
 import torch
 
 from moco_pretrain.config import setup_cfg
-from moco_pretrain.lincls import RESULTS_FILE
 from moco_pretrain.models import build_resnet
+from moco_pretrain.results import RESULTS_FILE
 from moco_pretrain.supervised import backbone_of_classifier, run_supervised
 
 
@@ -18,7 +18,7 @@ def supervised_cfg(root, output, *opts):
         [
             "DATA.ROOT", str(root), "DATA.IMAGE_SIZE", "32", "DATA.NUM_WORKERS", "0",
             "SOLVER.BATCH_SIZE", "8", "SOLVER.BASE_LR", "0.2", "SOLVER.EPOCHS", "4",
-            "KNN.K", "5", "KNN.BATCH_SIZE", "32", "OUTPUT_DIR", str(output), *opts,
+            "KNN.NEIGHBORS", "5", "KNN.BATCH_SIZE_PER_PROCESS", "32", "OUTPUT_DIR", str(output), *opts,
         ],
     )  # fmt: skip
 

@@ -15,7 +15,7 @@ from transfer import benchmark
 
 SMALL_RUN = shlex.join([
     "SOLVER.EPOCHS", "1", "SOLVER.BATCH_SIZE", "16", "MODEL.BN_SPLITS", "2",
-    "DATA.NUM_WORKERS", "0", "KNN.BATCH_SIZE", "40", "KNN.K", "20",
+    "DATA.NUM_WORKERS", "0", "KNN.BATCH_SIZE_PER_PROCESS", "40", "KNN.NEIGHBORS", "20",
 ])  # fmt: skip
 TINY_FINE_TUNE = [
     "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "0",

@@ -2,7 +2,7 @@
 """Pretraining throughput, step-time split and peak memory: ours vs the official recipe.
 
 Both variants train the same model on the same batches with the project's engine
-(:class:`moco_pretrain.engine.Trainer` driving :func:`moco_pretrain.pretrain.contrastive_step`),
+(:class:`moco_pretrain.engine.Runner` driving :func:`moco_pretrain.pretrain.contrastive_step`),
 alternating in rounds so that a noisy machine slows both alike:
 
 * ``ours``: :func:`moco_pretrain.pretrain.build_moco` as ``run_pretraining`` sets it up (CUDA:
@@ -19,7 +19,8 @@ for ours with ``--aug device``: workers only decode, :mod:`moco_pretrain.gpu_aug
 Timing: images/s is the steady state, from the time between consecutive optimizer-step ends (CUDA
 events, so no extra host syncs), median over ``--rounds``; the ratio ours/baseline is the median
 of the per-round ratios, each from two runs back to back. A separate instrumented pass (a device
-sync around every part) gives the split in ms per step. Peak memory covers building the variant
+sync around every part, and torch.profiler for the parts inside MoCo) gives the split in ms per
+step. Peak memory covers building the variant
 and its ``--warmup`` steps. On a shared CPU, ``--threads 1`` gives the steadiest figures.
 
 Example (the CPU figures in docs/performance.md)::
@@ -49,13 +50,9 @@ from fvcore.common.config import CfgNode
 
 from moco_pretrain.builder import MoCo
 from moco_pretrain.checkpoint import Checkpointer
-from moco_pretrain.config import setup_cfg
-from moco_pretrain.engine import AMP_DTYPES, Trainer
-from moco_pretrain.gpu_augment import (
-    GpuMocoAugment,
-    build_device_augment,
-    device_augment_step,
-)
+from moco_pretrain.config import augmentation_options, setup_cfg
+from moco_pretrain.engine import AMP_DTYPES, Hook, Runner, Task
+from moco_pretrain.gpu_augment import GpuMocoAugment, device_augment_step
 from moco_pretrain.machine import describe_machine
 from moco_pretrain.models import build_resnet
 from moco_pretrain.pretrain import (
@@ -147,35 +144,36 @@ class StepClock:
         return (last - first) / (len(self.marks) - 1)
 
 
-class StepProfiler:
-    """Accumulates synchronised wall time per :data:`PARTS` entry over a trainer's steps."""
+# The record_function ranges that MoCo.forward and the device augmentation step open, by part.
+RANGES = {
+    "moco/augment": "augment", "moco/momentum_update": "momentum_update",
+    "moco/shuffle": "shuffle", "moco/queue": "queue",
+}  # fmt: skip
 
-    def __init__(self, trainer: Trainer, augment: GpuMocoAugment | None, device: torch.device):
-        self.trainer, self.device = trainer, device
+
+class StepProfiler(Hook):
+    """The split of a runner's steps into :data:`PARTS`, in ms per step.
+
+    Synchronised wall time through public hooks: the runner's ``before_step`` (``data``: loader
+    and host-to-device copy since the last step's end), forward hooks on the two encoders and the
+    whole model, and the optimizer's step hooks (``query_fwd_bwd`` adds the time from the model's
+    forward end to the optimizer step: the loss, backward and ``zero_grad``). The MoCo-internal
+    parts come from ``torch.profiler``: the device time of their ``record_function`` ranges on
+    CUDA, their CPU time on the CPU.
+    """
+
+    def __init__(self, runner: Runner, device: torch.device) -> None:
+        self.runner, self.device = runner, device
         self.totals: dict[str, float] = defaultdict(float)
         self.steps = 0
         self._open: dict[str, float] = {}
-        self._handles: list[Any] = []
-        model: MoCo = trainer.model
+        model: MoCo = runner.model
+        self._handles = [model.register_forward_hook(self._forward_end)]
         for part, module in {"query_fwd_bwd": model.encoder_q, "key_fwd": model.encoder_k}.items():
             self._handles.append(module.register_forward_pre_hook(self._start(part)))
             self._handles.append(module.register_forward_hook(self._stop(part)))
-        methods = {
-            "_momentum_update_key_encoder": "momentum_update",
-            "_batch_shuffle": "shuffle",
-            "_batch_unshuffle": "shuffle",
-            "_dequeue_and_enqueue": "queue",
-        }
-        # Instance attributes shadow the methods for this run only (removed in run()).
-        self._patched = [(model, name, part) for name, part in methods.items()]
-        if augment is not None:
-            self._patched.append((augment, "two_crops", "augment"))
-        for owner, name, part in self._patched:
-            setattr(owner, name, self._timed(getattr(owner, name), part))
-        self._handles.append(trainer.optimizer.register_step_pre_hook(self._before_optimizer))
-        self._handles.append(trainer.optimizer.register_step_post_hook(self._after_optimizer))
-        self._step_fn = trainer.step_fn
-        trainer.step_fn = self._timed_step
+        self._handles.append(runner.optimizer.register_step_pre_hook(self._before_optimizer))
+        self._handles.append(runner.optimizer.register_step_post_hook(self._after_optimizer))
 
     def now(self) -> float:
         sync(self.device)
@@ -190,24 +188,15 @@ class StepProfiler:
 
         return hook
 
-    def _timed(self, fn: Callable[..., Any], part: str) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            self._start(part)()
-            out = fn(*args, **kwargs)
-            self._stop(part)()
-            return out
+    def before_step(self, runner: Runner) -> None:
+        self.totals["data"] += self.now() - self._step_end
 
-        return timed
-
-    def _timed_step(self, batch: Any) -> Any:
-        self.totals["data"] += self.now() - self._step_end  # loader + host-to-device copy
-        out = self._step_fn(batch)
-        self._forward_end = self.now()
-        return out
+    def _forward_end(self, *_: Any) -> None:
+        self._forward_end_at = self.now()
 
     def _before_optimizer(self, *_: Any) -> None:
-        self._optimizer_start = self.now()  # backward (and zero_grad) since the forward's end
-        self.totals["query_fwd_bwd"] += self._optimizer_start - self._forward_end
+        self._optimizer_start = self.now()
+        self.totals["query_fwd_bwd"] += self._optimizer_start - self._forward_end_at
 
     def _after_optimizer(self, *_: Any) -> None:
         end = self.now()
@@ -218,24 +207,32 @@ class StepProfiler:
 
     def run(self, epoch: int) -> dict[str, float]:
         """One instrumented epoch; returns ms per step for every part, ``other`` the remainder."""
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.runner.register_hooks(self)
         self._step_end = self.now()
-        quiet_epoch(self.trainer, epoch)
+        with torch.profiler.profile(activities=activities) as profile:
+            quiet_epoch(self.runner, epoch)
+        self.runner.hooks.remove(self)
         for handle in self._handles:
             handle.remove()
-        for owner, name, _ in self._patched:
-            delattr(owner, name)
-        self.trainer.step_fn = self._step_fn
+        for event in profile.key_averages():
+            if event.key in RANGES:
+                on_device = self.device.type == "cuda"
+                microseconds = event.device_time_total if on_device else event.cpu_time_total
+                self.totals[RANGES[event.key]] += microseconds / 1e6
         per_step = {k: 1000 * v / max(self.steps, 1) for k, v in self.totals.items()}
         per_step["other"] = per_step["step"] - sum(per_step.get(p, 0.0) for p in PARTS)
         return {p: round(per_step.get(p, 0.0), 3) for p in (*PARTS, "step")}
 
 
-def quiet_epoch(trainer: Trainer, epoch: int) -> None:
+def quiet_epoch(runner: Runner, epoch: int) -> None:
     with contextlib.redirect_stdout(io.StringIO()):  # the engine's progress bar
-        trainer.train_one_epoch(epoch)
+        runner.train_one_epoch(epoch)
 
 
-def build_trainer(cfg: CfgNode, *, official: bool, loader, augment, device) -> Trainer:
+def build_runner(cfg: CfgNode, *, official: bool, loader, augment, device) -> Runner:
     """``run_pretraining``'s model/optimizer set-up (ours) or the official one (baseline)."""
     if official:
         encoder = functools.partial(build_resnet, cfg.MODEL.ARCH, small_stem=cfg.MODEL.SMALL_STEM)
@@ -251,19 +248,13 @@ def build_trainer(cfg: CfgNode, *, official: bool, loader, augment, device) -> T
         model = prepare_model(cfg, build_moco(cfg).to(device), device)
         optimizer = build_optimizer(cfg, model)
     channels_last = device.type == "cuda" and cfg.TRAIN.CHANNELS_LAST and not official
-    step_fn = functools.partial(contrastive_step, model)
-    if augment is not None:
-        step_fn = device_augment_step(step_fn, augment)
-    return Trainer(
-        model=model,
-        optimizer=optimizer,
-        loader=loader,
-        step_fn=step_fn,
-        lr_at_epoch=lambda epoch: optimizer.defaults["lr"],
-        epochs=1,
-        checkpointer=Checkpointer(tempfile.gettempdir()),  # never called: no train()
-        arch=cfg.MODEL.ARCH,
+    step = contrastive_step if augment is None else device_augment_step(contrastive_step, augment)
+    return Runner(
+        Task(model, optimizer, loader, step),
         device=device,
+        epochs=1,
+        lr_at_epoch=lambda epoch: optimizer.defaults["lr"],
+        checkpointer=Checkpointer(tempfile.gettempdir()),  # never called: no train()
         amp_dtype=None if official else AMP_DTYPES[cfg.TRAIN.AMP_DTYPE],
         channels_last=channels_last,
         log_period=1 if official else cfg.TRAIN.LOG_PERIOD,
@@ -285,7 +276,7 @@ def build_loaders(cfg: CfgNode, args: argparse.Namespace, device: torch.device):
     device_cfg.DATA.DEVICE_AUG = True
     device_cfg.DATA.DEVICE_AUG_PRE_SIZE = args.pre_size
     loader = build_pretrain_loader(device_cfg)
-    augment = build_device_augment(cfg).to(device)
+    augment = GpuMocoAugment(**augmentation_options(cfg)).to(device)
     return loader, cpu_loader, augment
 
 
@@ -298,7 +289,7 @@ def benchmark(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
     trainers, results = {}, {}
     for name, (official, loader, aug) in specs.items():
         with peak_memory(device) as peak:  # build + warm-up steps (optimizer state included)
-            trainers[name] = build_trainer(
+            trainers[name] = build_runner(
                 cfg, official=official, loader=loader, augment=aug, device=device
             )
             trainers[name].max_iters_per_epoch = args.warmup
@@ -315,7 +306,7 @@ def benchmark(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
         seconds = statistics.median(results[name]["step_seconds_per_round"])
         results[name]["images_per_s"] = cfg.SOLVER.BATCH_SIZE / seconds
         results[name]["step_ms"] = 1000 * seconds
-        profiler = StepProfiler(trainer, augment if name == "ours" else None, device)
+        profiler = StepProfiler(trainer, device)
         results[name]["split_ms"] = profiler.run(args.rounds + 1)
     ours, base = results["ours"], results["baseline"]
     memory_ratio = (

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from moco_pretrain.checkpoint import atomic_write_json
+from moco_pretrain.files import atomic_write_json
 
 __all__ = [
     "CLASSES",

@@ -34,8 +34,8 @@ from typing import Any
 
 from deepforest_data import build_deepforest_voc  # tools/, this script's folder, is on sys.path
 
-from moco_pretrain.checkpoint import atomic_write_json
 from moco_pretrain.config import setup_cfg
+from moco_pretrain.files import atomic_write_json
 from moco_pretrain.machine import describe_machine
 from moco_pretrain.pretrain import run_pretraining
 from moco_pretrain.weights import load_backbone_state_dict

@@ -141,7 +141,7 @@ DRY_RUN_SIZES = Sizes(
     jpeg_size=(64, 48), jpeg_unique=4,
     fashion_opts=(
         "SOLVER.EPOCHS", "1", "SOLVER.BATCH_SIZE", "16", "DATA.MAX_SAMPLES", "16",
-        "MODEL.BN_SPLITS", "2", "KNN.BATCH_SIZE", "40", "KNN.K", "20",
+        "MODEL.BN_SPLITS", "2", "KNN.BATCH_SIZE_PER_PROCESS", "40", "KNN.NEIGHBORS", "20",
     ),
     scenes_args=("--labelled", "40", "--val-garments", "20", "--test-garments", "20"),
     fine_tune_opts=(
@@ -627,7 +627,7 @@ def profile_worker(argv: list[str]) -> None:
     report = {}
     for variant in args.variant:
         loader = bench.build_loaders(cfg, batches, device)[0]
-        trainer = bench.build_trainer(
+        trainer = bench.build_runner(
             cfg, official=variant == "baseline", loader=loader, augment=None, device=device
         )
         trainer.max_iters_per_epoch = args.warmup

@@ -31,18 +31,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moco_pretrain.checkpoint import atomic_save, atomic_write_json
-from moco_pretrain.cli.knn import run_knn
-from moco_pretrain.config import setup_cfg
+from moco_pretrain.checkpoint import atomic_save
+from moco_pretrain.config import dataset_options, setup_cfg
 from moco_pretrain.data import build_dataset
+from moco_pretrain.files import atomic_write_json
 from moco_pretrain.knn import knn_accuracy
-from moco_pretrain.lincls import RESULTS_FILE, run_lincls
+from moco_pretrain.knn_eval import run_knn
+from moco_pretrain.lincls import run_lincls
 from moco_pretrain.machine import describe_machine
 from moco_pretrain.models import build_backbone
 from moco_pretrain.pretrain import run_pretraining
+from moco_pretrain.results import RESULTS_FILE
 from moco_pretrain.supervised import run_supervised
 
-KNN = ["KNN.K", "20", "KNN.T", "0.1"]
+KNN = ["KNN.NEIGHBORS", "20", "KNN.TEMPERATURE", "0.1"]
 LINCLS_RECIPE = "lincls/fashion_mnist_demo.yaml"
 SUPERVISED_RECIPE = "supervised/fashion_mnist.yaml"
 BUDGETS = {
@@ -73,16 +75,22 @@ def raw_pixel_knn(recipe: str, work: Path, opts: list[str]) -> float:
         cfg = setup_cfg(recipe, [*KNN, *opts])
 
         def pixels(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-            dataset = build_dataset(cfg, split=split, transform=None)
+            dataset = build_dataset(**dataset_options(cfg), split=split, transform=None)
             images = torch.from_numpy(dataset.images.copy()).flatten(1).float()  # N x 784
             return F.normalize(images, dim=1), dataset.targets
 
         bank, bank_labels = pixels(cfg.DATA.TRAIN_SPLIT)
         test, test_labels = pixels(cfg.DATA.VAL_SPLIT)
         metrics = knn_accuracy(
-            bank, bank_labels, test, test_labels, num_classes=10, k=cfg.KNN.K, temperature=cfg.KNN.T
+            bank,
+            bank_labels,
+            test,
+            test_labels,
+            num_classes=10,
+            k=cfg.KNN.NEIGHBORS,
+            temperature=cfg.KNN.TEMPERATURE,
         )
-        done = {"task": "knn", "metrics": metrics, "features": "raw pixels", "k": cfg.KNN.K}
+        done = {"task": "knn", "metrics": metrics, "features": "raw pixels", "k": cfg.KNN.NEIGHBORS}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, done)
     return done["metrics"]["top1"]

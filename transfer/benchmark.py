@@ -34,12 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moco_pretrain.checkpoint import Checkpointer, atomic_write_json
-from moco_pretrain.cli.common import exit_on_user_error
+from moco_pretrain.checkpoint import Checkpointer
+from moco_pretrain.commandline import exit_on_user_error
 from moco_pretrain.config import resolve_config_file, setup_cfg
 from moco_pretrain.data import FASHION_MNIST_DIR
-from moco_pretrain.lincls import RESULTS_FILE
+from moco_pretrain.files import atomic_write_json
 from moco_pretrain.pretrain import feature_comparison, run_pretraining
+from moco_pretrain.results import RESULTS_FILE
 from moco_pretrain.weights import load_backbone_state_dict
 
 from . import report

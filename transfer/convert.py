@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision
 
-from moco_pretrain.checkpoint import atomic_write
-from moco_pretrain.cli.common import exit_on_user_error
+from moco_pretrain.commandline import exit_on_user_error
+from moco_pretrain.files import atomic_write
 from moco_pretrain.weights import BackboneWeights, load_backbone_state_dict
 
 __all__ = [
@@ -47,51 +48,25 @@ __all__ = [
     "main",
 ]
 
-FORMAT_VERSION = 1
-# arch -> (block type, blocks per stage); Detectron2 builds the same ResNets (MODEL.RESNETS.DEPTH)
-_RESNETS = {
-    "resnet18": ("basic", (2, 2, 2, 2)),
-    "resnet34": ("basic", (3, 4, 6, 3)),
-    "resnet50": ("bottleneck", (3, 4, 6, 3)),
-    "resnet101": ("bottleneck", (3, 4, 23, 3)),
-    "resnet152": ("bottleneck", (3, 8, 36, 3)),
-}
-_BN = ("weight", "bias", "running_mean", "running_var")
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # as Detectron2 builds them
 
 
 class ConversionError(ValueError):
     """The backbone does not match the expected ResNet tensor set."""
 
 
-def _conv_bn(shapes: dict, conv: str, bn: str, shape: tuple[int, ...]) -> None:
-    shapes[f"{conv}.weight"] = shape
-    shapes.update({f"{bn}.{p}": (shape[0],) for p in _BN})
-
-
 def resnet_tensor_shapes(arch: str = "resnet50") -> dict[str, tuple[int, ...]]:
-    """torchvision ResNet backbone tensor name -> shape, without ``fc`` and BN counters."""
-    if arch not in _RESNETS:
-        raise ValueError(f"unsupported arch {arch!r}; expected one of {sorted(_RESNETS)}")
-    block, depths = _RESNETS[arch]
-    expansion = 4 if block == "bottleneck" else 1
-    shapes: dict[str, tuple[int, ...]] = {}
-    _conv_bn(shapes, "conv1", "bn1", (64, 3, 7, 7))
-    in_ch = 64
-    for stage, n_blocks in enumerate(depths):
-        width = 64 * 2**stage
-        out_ch = width * expansion
-        for b in range(n_blocks):
-            p = f"layer{stage + 1}.{b}"
-            if block == "bottleneck":
-                convs = [(width, in_ch, 1, 1), (width, width, 3, 3), (out_ch, width, 1, 1)]
-            else:
-                convs = [(width, in_ch, 3, 3), (width, width, 3, 3)]
-            for k, shape in enumerate(convs, start=1):
-                _conv_bn(shapes, f"{p}.conv{k}", f"{p}.bn{k}", shape)
-            if b == 0 and (stage > 0 or in_ch != out_ch):
-                _conv_bn(shapes, f"{p}.downsample.0", f"{p}.downsample.1", (out_ch, in_ch, 1, 1))
-            in_ch = out_ch
-    return shapes
+    """torchvision ResNet backbone tensor name -> shape, without ``fc`` and BN counters (from the
+    model built on the meta device: no memory, no weights)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unsupported arch {arch!r}; expected one of {sorted(ARCHS)}")
+    with torch.device("meta"):
+        model = torchvision.models.get_model(arch)
+    return {
+        name: tuple(tensor.shape)
+        for name, tensor in model.state_dict().items()
+        if not name.startswith("fc.") and not name.endswith("num_batches_tracked")
+    }
 
 
 def _rename(name: str) -> str:
@@ -148,7 +123,7 @@ def convert_to_detectron2(weights: BackboneWeights, *, arch: str = "resnet50") -
     ]
     if problems:
         recorded = weights.meta.get("arch")
-        if recorded in _RESNETS and recorded != arch:
+        if recorded in ARCHS and recorded != arch:
             problems.insert(0, f"the checkpoint records arch {recorded!r} (pass --arch {recorded})")
         raise ConversionError(
             f"{source} (layout {weights.layout}) is not a {arch} backbone: " + "; ".join(problems)
@@ -159,7 +134,6 @@ def convert_to_detectron2(weights: BackboneWeights, *, arch: str = "resnet50") -
     if counters:
         dropped["BN step counters"] = counters
     provenance = {
-        "format_version": FORMAT_VERSION,
         "source": str(source),
         "source_sha256": weights.meta.get("sha256"),
         "layout": weights.layout,
@@ -190,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("input", help="checkpoint (.pth / .pth.tar)")
     parser.add_argument("output", help="Detectron2 weight file to write (.pkl)")
     parser.add_argument("--prefix", default=None, help="backbone key prefix, e.g. 'backbone.'")
-    parser.add_argument("--arch", default="resnet50", choices=sorted(_RESNETS))
+    parser.add_argument("--arch", default="resnet50", choices=ARCHS)
     return parser
 
 

@@ -17,15 +17,15 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moco_pretrain.checkpoint import atomic_write
-from moco_pretrain.cli.common import exit_on_user_error
-from moco_pretrain.lincls import RESULTS_FILE  # one results.json layout for every task
+from moco_pretrain.commandline import exit_on_user_error
+from moco_pretrain.files import atomic_write
+from moco_pretrain.results import RESULTS_FILE, read_results
 
 __all__ = ["Row", "collect_rows", "render_csv", "render_markdown", "main"]
 
@@ -47,12 +47,10 @@ class Row:
     def stats(self, metric: str) -> tuple[int, float, float]:
         """(n, mean, sample std; NaN when n < 2) of ``metric`` over the trials that report it."""
         values = [t[metric] for t in self.trials if metric in t]
-        n = len(values)
-        if n == 0:
-            return 0, math.nan, math.nan
-        mean = sum(values) / n
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
-        return n, mean, std
+        if not values or any(map(math.isnan, values)):  # COCO reports NaN for an empty size range
+            return len(values), math.nan, math.nan
+        std = statistics.stdev(values) if len(values) > 1 else math.nan
+        return len(values), statistics.fmean(values), std
 
 
 def _parse_row_arg(arg: str) -> tuple[str, Path]:
@@ -74,9 +72,7 @@ def collect_rows(row_args: Sequence[str]) -> list[Row]:
             if resolved in seen:
                 raise ValueError(f"{path} belongs to rows {seen[resolved]!r} and {label!r}")
             seen[resolved] = label
-            result = json.loads(path.read_text())
-            if not isinstance(result, dict) or not {"task", "metrics"} <= result.keys():
-                raise ValueError(f"{path} is not a results file (no 'task' and 'metrics')")
+            result = read_results(path)
             row = rows.setdefault((label, result["task"]), Row(label, result["task"]))
             row.trials.append({k: float(v) for k, v in result["metrics"].items()})
             if result.get("init"):

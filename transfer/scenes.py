@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from moco_pretrain.checkpoint import atomic_write, atomic_write_json
 from moco_pretrain.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FashionMNIST
+from moco_pretrain.files import atomic_write, atomic_write_json
 
 __all__ = ["SceneSpec", "build_fashion_scenes", "rle_encode", "scene_datasets"]
 

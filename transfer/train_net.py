@@ -31,16 +31,21 @@ import yaml
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import (
+    DefaultTrainer,
+    default_argument_parser,
+    default_setup,
+    hooks,
+    launch,
+)
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from moco_pretrain.checkpoint import atomic_write_json
-from moco_pretrain.cli.common import exit_on_user_error
+from moco_pretrain.commandline import exit_on_user_error
 from moco_pretrain.config import resolve_config_file
-from moco_pretrain.lincls import RESULTS_FILE  # one results.json layout for every task
-from moco_pretrain.weights import file_sha256
+from moco_pretrain.files import file_sha256
+from moco_pretrain.results import RESULTS_FILE, write_results
 
 from .config import INITS, add_moco_config
 from .datasets import register_datasets
@@ -48,6 +53,22 @@ from .preflight import load_verified
 
 
 class Trainer(DefaultTrainer):
+    def build_hooks(self) -> list[hooks.HookBase]:
+        """detectron2's hooks, its evaluation hook keeping the newest results in
+        ``self.eval_results`` (``train()`` returns them only with ``TEST.EXPECTED_RESULTS``)."""
+        self.eval_results: dict[str, Any] = {}
+
+        def evaluate() -> dict[str, Any]:
+            self.eval_results = self.test(self.cfg, self.model)
+            return self.eval_results
+
+        return [
+            hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, evaluate)
+            if isinstance(hook, hooks.EvalHook)
+            else hook
+            for hook in super().build_hooks()
+        ]
+
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
@@ -107,33 +128,31 @@ def _flatten(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def write_results(cfg: CfgNode, results: dict[str, Any], *, trial: int) -> Path:
-    """``results.json`` in the layout moco-knn/moco-lincls write, read by ``moco-report``."""
+def write_trial_results(cfg: CfgNode, results: dict[str, Any], *, trial: int) -> Path:
+    """The trial's ``results.json`` (:mod:`moco_pretrain.results`), read by ``moco-report``.
+
+    Written atomically: a trial is either finished (its results.json exists, whole) or not.
+    """
     weights = cfg.MODEL.WEIGHTS  # "" for random init, or a URL (detectron2://...): no hash
-    result = {
-        "task": "detection",
-        "metrics": _flatten(results),  # e.g. "bbox/AP50", "segm/AP"
-        "checkpoint": weights,
-        "checkpoint_sha256": file_sha256(weights) if os.path.isfile(weights) else None,
-        "init": cfg.MOCO.INIT,
-        "trial": trial,
-        "seed": cfg.SEED,
-        "config": yaml.safe_load(cfg.dump()),
-    }
-    path = Path(cfg.OUTPUT_DIR) / RESULTS_FILE
-    # A trial is either finished (results.json exists, whole) or not.
-    atomic_write_json(path, result)
-    return path
+    return write_results(
+        cfg.OUTPUT_DIR,
+        task="detection",
+        metrics=_flatten(results),  # e.g. "bbox/AP50", "segm/AP"
+        config=yaml.safe_load(cfg.dump()),
+        weights={
+            "checkpoint": weights,
+            "checkpoint_sha256": file_sha256(weights) if os.path.isfile(weights) else None,
+        },
+        init=cfg.MOCO.INIT,
+        trial=trial,
+        seed=cfg.SEED,
+    )
 
 
 def _train(trainer: Trainer) -> dict[str, Any]:
-    """Train, then return the final evaluation (EvalHook runs it after the last iteration).
-
-    ``DefaultTrainer.train()`` returns it only when ``TEST.EXPECTED_RESULTS`` is set; it always
-    keeps it as ``_last_eval_results`` (absent when nothing was evaluated).
-    """
+    """Train, then return the final evaluation (the evaluation hook runs it at the end)."""
     trainer.train()
-    return getattr(trainer, "_last_eval_results", None) or {}
+    return trainer.eval_results
 
 
 def run_trial(args: argparse.Namespace, trial: int) -> dict[str, Any]:
@@ -155,7 +174,7 @@ def run_trial(args: argparse.Namespace, trial: int) -> dict[str, Any]:
         load()
     results = run()
     if comm.is_main_process():
-        write_results(cfg, results, trial=trial)
+        write_trial_results(cfg, results, trial=trial)
     return results
 
 

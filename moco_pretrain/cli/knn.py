@@ -1,39 +1,21 @@
 """``moco-knn``: weighted kNN top-1/top-5 of frozen pretrained features (Wu et al. 2018).
 
 A bank of un-augmented ``DATA.TRAIN_SPLIT`` features (the first ``KNN.BANK_SIZE`` images when > 0)
-votes for each ``DATA.VAL_SPLIT`` image with ``KNN.K`` neighbours and temperature ``KNN.T``.
+votes for each ``DATA.VAL_SPLIT`` image with ``KNN.NEIGHBORS`` neighbours and temperature
+``KNN.TEMPERATURE``.
 Writes ``OUTPUT_DIR/knn/results.json``. Under ``torchrun`` each process extracts a shard.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import Any
 
-from fvcore.common.config import CfgNode
-
-from moco_pretrain.cli.common import add_pretrained_arguments, config_parser, exit_on_user_error
+from moco_pretrain.commandline import add_pretrained_arguments, config_parser, exit_on_user_error
 from moco_pretrain.config import setup_cfg
-from moco_pretrain.distributed import init_distributed, is_main_process
-from moco_pretrain.engine import setup_logging
-from moco_pretrain.lincls import build_frozen_backbone, load_pretrained, write_results
-from moco_pretrain.pretrain import knn_metrics_of
+from moco_pretrain.distributed import is_main_process
+from moco_pretrain.knn_eval import run_knn
 
 DEMO_RECIPE = "lincls/fashion_mnist_demo.yaml"
-
-
-def run_knn(cfg: CfgNode, *, pretrained: str, prefix: str | None = None) -> dict[str, Any]:
-    device = init_distributed()
-    output_dir = Path(cfg.OUTPUT_DIR) / "knn"
-    setup_logging(output_dir)
-    weights = load_pretrained(cfg, pretrained, prefix=prefix)
-    backbone = build_frozen_backbone(cfg, weights).to(device)
-    metrics, bank_size = knn_metrics_of(backbone, cfg, device)
-    extra = {"k": cfg.KNN.K, "temperature": cfg.KNN.T, "bank_size": bank_size}
-    if is_main_process():
-        write_results(output_dir, task="knn", metrics=metrics, weights=weights, cfg=cfg, **extra)
-    return {"task": "knn", "metrics": metrics, **extra}
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 
 from moco_pretrain.cli.pretrain import get_parser as get_pretrain_parser
+from moco_pretrain.commandline import exit_on_user_error
+from moco_pretrain.config import resolve_config_file, setup_cfg
 from moco_pretrain.slurm import submit
 
 
@@ -31,14 +33,13 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = get_parser().parse_args(argv)
-    pretrain_argv = [
-        "--config-file",
-        args.config_file,
-        *(["--resume", args.resume] if args.resume else []),
-        *args.opts,
-    ]
+    with exit_on_user_error("moco-submit"):  # a bad recipe fails here, not in the queue
+        config_file = str(resolve_config_file(args.config_file).resolve())
+        setup_cfg(config_file, args.opts)
     job = submit(
-        pretrain_argv,
+        config_file,
+        args.opts,
+        resume=args.resume or None,
         job_dir=args.job_dir,
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
