@@ -26,7 +26,7 @@ setup(
     python_requires=">=3.10",
     # tools/ holds scripts and is never installed: detectron2 installs a top-level `tools` package.
     packages=find_packages(include=["moco_pretrain", "moco_pretrain.*", "transfer", "transfer.*"]),
-    package_data={"moco_pretrain": ["_configs/*/*.yaml"]},
+    package_data={"moco_pretrain": ["_configs/*.yaml", "_configs/*/*.yaml"]},
     install_requires=[
         # torch 2.4 is the first release whose SGD(fused=True) runs on CPU (2.3.1's
         # _get_fused_kernels_supported_devices() has no "cpu"); torch.amp.GradScaler(device) is
@@ -41,6 +41,7 @@ setup(
         "numpy>=1.24",
         "pillow>=9.0",
         "matplotlib>=3.6",
+        "scipy>=1.10",  # Student-t quantiles for moco-report's Welch intervals
     ],
     extras_require={
         # detectron2 itself is not on PyPI: install it from its official repository (README).

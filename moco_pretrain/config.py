@@ -105,8 +105,11 @@ def resolve_config_file(name: str) -> Path:
     raise FileNotFoundError(f"config file {name!r} not found (nor under {config_root()})")
 
 
-def setup_cfg(config_file: str | None, opts: list[str] | None = None) -> CN:
-    """Defaults, merged with ``config_file`` then ``opts`` (``KEY VALUE`` pairs); validated, frozen."""
+def setup_cfg(
+    config_file: str | None, opts: list[str] | None = None, *, pretraining: bool = False
+) -> CN:
+    """Defaults, merged with ``config_file`` then ``opts`` (``KEY VALUE`` pairs); validated (with
+    the pretraining checks when ``pretraining``), frozen."""
     cfg = get_cfg()
     if config_file:
         path = resolve_config_file(config_file)
@@ -118,7 +121,7 @@ def setup_cfg(config_file: str | None, opts: list[str] | None = None) -> CN:
             raise ValueError(f"overrides must be KEY VALUE pairs, got an odd number: {opts}")
         with _config_errors("command line"):
             cfg.merge_from_list(opts)
-    validate(cfg)
+    validate(cfg, pretraining=pretraining)
     cfg.freeze()
     return cfg
 
@@ -134,10 +137,11 @@ CHOICES = {
 POSITIVE = ("SOLVER.BATCH_SIZE", "MODEL.K", "MODEL.BN_SPLITS")
 
 
-def validate(cfg: CN, *, world_size: int | None = None) -> None:
+def validate(cfg: CN, *, world_size: int | None = None, pretraining: bool = False) -> None:
     """Reject values that cannot run, before any work starts: one ``ValueError`` naming them all.
 
-    ``world_size`` defaults to torchrun's ``WORLD_SIZE`` (1 without it).
+    ``world_size`` defaults to torchrun's ``WORLD_SIZE`` (1 without it). ``pretraining`` adds the
+    checks of the batch against the queue and the split-BN groups (other tasks ignore both keys).
     """
     problems = []
     for key in POSITIVE:
@@ -149,28 +153,30 @@ def validate(cfg: CN, *, world_size: int | None = None) -> None:
         if value not in choices:
             problems.append(f"{key} is {value!r}, expected one of {choices}")
     if not problems:
-        problems += _batch_problems(cfg, world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        problems += _batch_problems(cfg, world_size, pretraining=pretraining)
     if problems:
         raise ValueError(f"invalid config: {'; '.join(problems)}")
 
 
-def _batch_problems(cfg: CN, world_size: int) -> list[str]:
-    """The global batch against the queue, the processes and the split-BN groups."""
+def _batch_problems(cfg: CN, world_size: int, *, pretraining: bool) -> list[str]:
+    """The global batch against the processes and, for pretraining, the queue and the split-BN
+    groups."""
     batch, splits = cfg.SOLVER.BATCH_SIZE, cfg.MODEL.BN_SPLITS
     problems = []
-    if cfg.MODEL.K < batch:
+    if pretraining and cfg.MODEL.K < batch:
         problems.append(
             f"MODEL.K is {cfg.MODEL.K}, smaller than one global batch (SOLVER.BATCH_SIZE {batch})"
         )
     if batch % world_size:
         problems.append(f"SOLVER.BATCH_SIZE {batch} is not divisible by the {world_size} processes")
-    elif splits > 1 and world_size > 1:
+    elif pretraining and splits > 1 and world_size > 1:
         problems.append(
             f"MODEL.BN_SPLITS is {splits} under {world_size} processes: split BN emulates"
             " Shuffle-BN in one process; with several, the official cross-process shuffle runs"
             " (set MODEL.BN_SPLITS 1)"
         )
-    elif batch % splits:
+    elif pretraining and batch % splits:
         problems.append(f"SOLVER.BATCH_SIZE {batch} is not divisible by MODEL.BN_SPLITS {splits}")
     return problems
 

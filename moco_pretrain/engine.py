@@ -188,11 +188,8 @@ class Runner:
         # per log point: the window's mean metrics. Both are saved in checkpoints.
         self.history: list[dict[str, float]] = []
         self.log_points: list[dict[str, float]] = []
-        self.writer = None
-        if tensorboard_dir and is_main_process():
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(tensorboard_dir))
+        self.tensorboard_dir = tensorboard_dir
+        self.writer = None  # opened by train() on rank 0
 
     @classmethod
     def from_config(cls, cfg: CfgNode, task: Task, *, device: torch.device) -> Runner:
@@ -271,6 +268,10 @@ class Runner:
     # ----------------------------------------------------------------- training
     def train(self) -> None:
         """Train the remaining epochs; after each, its hooks and (periodically) a checkpoint."""
+        if self.tensorboard_dir and is_main_process():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.tensorboard_dir))
         for epoch in range(self.start_epoch, self.epochs):
             self.train_one_epoch(epoch)
             for hook in self.hooks:
@@ -282,6 +283,7 @@ class Runner:
                 self.last_saved = self.checkpointer.path_for(epoch)  # on every rank
         if self.writer:
             self.writer.close()
+            self.writer = None
 
     def record(self, epoch: int, metrics: dict[str, float]) -> None:
         """Add ``metrics`` to epoch ``epoch``'s history entry, the log and TensorBoard."""

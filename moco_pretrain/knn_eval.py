@@ -25,7 +25,7 @@ from .lincls import (
     build_eval_loader_of,
     build_frozen_backbone,
     load_pretrained,
-    write_lincls_results,
+    write_task_results,
 )
 from .probe import linear_probe
 
@@ -82,7 +82,7 @@ def run_knn(cfg: CfgNode, *, pretrained: str | Path, prefix: str | None = None) 
     metrics, bank_size = knn_metrics_of(backbone, cfg, device)
     extra = {"k": cfg.KNN.NEIGHBORS, "temperature": cfg.KNN.TEMPERATURE, "bank_size": bank_size}
     if is_main_process():
-        write_lincls_results(
+        write_task_results(
             cfg, task="knn", metrics=metrics, weights=weights, output_dir=output_dir, **extra
         )
     return {"task": "knn", "metrics": metrics, **extra}

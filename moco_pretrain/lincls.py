@@ -188,7 +188,7 @@ def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device) -> d
     return topk_accuracy(logits, labels, topk=(1, 5))  # logits: NxC, labels: N
 
 
-def write_lincls_results(
+def write_task_results(
     cfg: CfgNode,
     *,
     task: str,
@@ -229,13 +229,15 @@ class Validation(Hook):
     ) -> None:
         self.model, self.loader, self.reference = model, loader, reference
         self.best_path, self.arch, self.pretrained = best_path, arch, pretrained
-        self.best_top1 = load_checkpoint(best_path)["best_acc1"] if best_path.is_file() else None
+        self.best_top1: float | None = None  # of this run: a resume reads it back
         self.last: dict[str, float] | None = None  # the newest validation of this process
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.loader, device=next(self.model.parameters()).device)
 
     def after_resume(self, runner: Runner) -> None:
+        if self.best_path.is_file():
+            self.best_top1 = load_checkpoint(self.best_path)["best_acc1"]
         try:
             check_backbone_unchanged(self.model, self.reference)
         except FrozenBackboneError as err:
@@ -332,5 +334,5 @@ def run_lincls(
     best_top1 = validation.best_top1 if validation.best_top1 is not None else final["top1"]
     extra = {"epoch": final["epoch"], "best_top1": best_top1}
     if is_main_process():
-        write_lincls_results(cfg, task="lincls", metrics=metrics, weights=weights, **extra)
+        write_task_results(cfg, task="lincls", metrics=metrics, weights=weights, **extra)
     return {"task": "lincls", "metrics": metrics, **extra}

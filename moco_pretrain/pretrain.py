@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .builder import MoCo
-from .config import augmentation_options, dataset_options
+from .config import augmentation_options, dataset_options, validate
 from .data import (
     TwoCropsTransform,
     build_dataset,
@@ -163,6 +163,7 @@ def pretraining_task(cfg: CfgNode, device: torch.device) -> Task:
 
 def run_pretraining(cfg: CfgNode, *, resume: str | None = None) -> dict[str, Any]:
     """Train MoCo as ``cfg`` says; returns a summary (also written to ``OUTPUT_DIR/summary.json``)."""
+    validate(cfg, pretraining=True)  # however cfg was loaded: before any work starts
     device = start_run(cfg)
     task = pretraining_task(cfg, device)
     runner = Runner.from_config(cfg, task, device=device)

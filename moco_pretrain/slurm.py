@@ -63,10 +63,17 @@ class PretrainJob:
         run_pretraining(setup_cfg(self.config_file, self.opts), resume=self.resume)
 
     def checkpoint(self) -> Any:
-        """Called by submitit on preemption or timeout: resubmit; training auto-resumes."""
+        """Called by submitit on preemption or timeout: resubmit. The requeued job auto-resumes
+        from the newest checkpoint of ``OUTPUT_DIR``, or, before the first one is written, from
+        the ``resume`` it was given."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(PretrainJob(self.config_file, self.opts))
+        from .checkpoint import Checkpointer
+        from .config import setup_cfg
+
+        written = Checkpointer(setup_cfg(self.config_file, self.opts).OUTPUT_DIR).last_checkpoint()
+        resume = None if written else self.resume
+        return submitit.helpers.DelayedSubmission(PretrainJob(self.config_file, self.opts, resume))
 
 
 def submit(

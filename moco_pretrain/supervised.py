@@ -23,7 +23,7 @@ from .lincls import (
     build_lincls_train_loader,
     evaluate,
     linear_step,
-    write_lincls_results,
+    write_task_results,
 )
 from .models import build_backbone, build_resnet
 from .schedules import scaled_lr
@@ -76,5 +76,5 @@ def run_supervised(cfg: CfgNode) -> dict[str, Any]:
     logger.info("supervised: top-1 %.2f %%, kNN top-1 %.2f %%", metrics["top1"], knn["top1"])
     extra = {"epochs": runner.history, "k": cfg.KNN.NEIGHBORS, "temperature": cfg.KNN.TEMPERATURE}
     if is_main_process():
-        write_lincls_results(cfg, task="supervised", metrics=metrics, **extra)
+        write_task_results(cfg, task="supervised", metrics=metrics, **extra)
     return {"task": "supervised", "metrics": metrics, "bank_size": bank_size, **extra}

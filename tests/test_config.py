@@ -109,14 +109,24 @@ def test_a_batch_that_cannot_be_shared_out_is_rejected_on_loading(
     """The global batch against the queue, torchrun's WORLD_SIZE and the split-BN groups."""
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     with pytest.raises(ValueError) as error:
-        setup_cfg("pretrain/moco_v2_cpu_trial.yaml", overrides)
+        setup_cfg("pretrain/moco_v2_cpu_trial.yaml", overrides, pretraining=True)
     assert str(error.value) == f"invalid config: {problem}"
 
 
 def test_the_same_batch_is_accepted_where_it_can_be_shared_out(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
-    cfg = setup_cfg("pretrain/moco_v2_cpu_trial.yaml", ["MODEL.BN_SPLITS", "1"])
+    cfg = setup_cfg("pretrain/moco_v2_cpu_trial.yaml", ["MODEL.BN_SPLITS", "1"], pretraining=True)
     assert cfg.SOLVER.BATCH_SIZE % 8 == 0 and cfg.MODEL.K >= cfg.SOLVER.BATCH_SIZE
+
+
+def test_other_tasks_are_not_held_to_the_pretraining_checks(monkeypatch):
+    """The linear-classification demo inherits MODEL.BN_SPLITS 8 from the pretraining recipe; it
+    means nothing there, so two processes are fine; an indivisible batch is not."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert setup_cfg("lincls/fashion_mnist_demo.yaml").MODEL.BN_SPLITS == 8
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="BATCH_SIZE 256 is not divisible by the 3 processes"):
+        setup_cfg("lincls/fashion_mnist_demo.yaml")
 
 
 def test_every_problem_is_named_in_the_same_line():

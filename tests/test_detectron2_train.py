@@ -21,6 +21,7 @@ from PIL import Image
 
 pytest.importorskip("detectron2")
 
+from moco_pretrain.config import resolve_config_file  # noqa: E402
 from moco_pretrain.weights import load_backbone_state_dict  # noqa: E402
 from transfer.convert import convert_to_detectron2, write_detectron2_pkl  # noqa: E402
 from transfer.preflight import BackboneWeightsError  # noqa: E402
@@ -131,6 +132,13 @@ def test_voc_two_iterations_and_evaluation(tmp_path, backbone_pkl):
     box = first["metrics"]
     assert box["bbox/AP50"] >= box["bbox/AP"] and box["bbox/AP50"] >= box["bbox/AP75"]
     assert (first["seed"], second["seed"]) == (0, 1)
+    # provenance: what makes the trials comparable, the same for both (only the seed differs)
+    protocol = first["protocol"]
+    assert first["config_file"] == "detection/instant_test_voc_R_50_C4.yaml"
+    assert (protocol["world_size"], protocol["ims_per_batch"], protocol["ims_per_gpu"]) == (1, 2, 2)
+    assert protocol["max_iter"] == first["config"]["SOLVER"]["MAX_ITER"]
+    assert (protocol["torch"], protocol["reference_world_size"]) == (torch.__version__, 0)
+    assert protocol == second["protocol"] and len(protocol["config_sha256"]) == 64
     assert "trial_1" not in (output / "trial_0" / "log.txt").read_text()  # logs kept apart
     assert "Starting training from iteration 0" in (output / "trial_1" / "log.txt").read_text()
     assert first["checkpoint_sha256"] and first["config"]["MODEL"]["ROI_HEADS"]["NAME"] == (
@@ -146,6 +154,35 @@ def test_voc_two_iterations_and_evaluation(tmp_path, backbone_pkl):
     argv = ["--config-file", "detection/instant_test_voc_R_50_C4.yaml", "--eval-only"]
     main([*argv, *opts, "MODEL.WEIGHTS", str(final), "OUTPUT_DIR", str(tmp_path / "eval")])
     assert _results(tmp_path / "eval")["metrics"] == first["metrics"]
+
+
+def test_bn_statistics_are_averaged_after_precise_bn_and_the_schedule_rescaled(
+    tmp_path, backbone_pkl
+):
+    from detectron2.engine import hooks
+
+    from transfer.train_net import AverageBNStatistics, Trainer, build_parser, setup
+
+    voc = write_voc(tmp_path / "voc")
+    datasets = f"[('avg_voc_train', '{voc}', 'train'), ('avg_voc_test', '{voc}', 'test')]"
+    opts = ["MOCO.DATASETS.VOC", datasets, "MOCO.DATASETS.VOC_CLASSES", str(list(CLASSES))]
+    opts += ["DATASETS.TRAIN", "('avg_voc_train',)", "DATASETS.TEST", "('avg_voc_test',)"]
+    opts += ["MODEL.ROI_HEADS.NUM_CLASSES", "2", "MODEL.WEIGHTS", str(backbone_pkl)]
+    # an 8-GPU schedule (16 images, lr 0.02, 10 iterations) run on one process
+    opts += ["SOLVER.REFERENCE_WORLD_SIZE", "8", "SOLVER.IMS_PER_BATCH", "16"]
+    opts += ["SOLVER.BASE_LR", "0.02", "SOLVER.MAX_ITER", "10", "SOLVER.STEPS", "(6,)"]
+    opts += ["OUTPUT_DIR", str(tmp_path / "out")]
+    config = str(resolve_config_file("detection/instant_test_voc_R_50_C4.yaml"))
+    trainer = Trainer(setup(build_parser().parse_args(["--config-file", config, *opts]), 0))
+    kinds = [type(hook) for hook in trainer.build_hooks()]
+    assert kinds[kinds.index(hooks.PreciseBN) + 1] is AverageBNStatistics
+    assert kinds.index(AverageBNStatistics) < kinds.index(hooks.EvalHook)  # before evaluating
+    # detectron2's rescaling keeps 2 images per GPU: batch / 8, lr / 8, iterations x 8
+    solver = trainer.cfg.SOLVER
+    assert (solver.IMS_PER_BATCH, solver.MAX_ITER, tuple(solver.STEPS)) == (2, 80, (48,))
+    assert solver.BASE_LR == pytest.approx(0.0025)
+    log = (tmp_path / "out" / "trial_0" / "log.txt").read_text()
+    assert "effective schedule: 1 processes x 2 images = batch 2, lr 0.0025, 80 iterations" in log
 
 
 def test_coco_two_iterations_and_box_and_mask_evaluation(tmp_path, backbone_pkl):

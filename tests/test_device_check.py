@@ -148,6 +148,7 @@ def test_kernel_shares_of_a_cuda_profile(tool):
     host = [
         event("cudaStreamSynchronize", DeviceType.CPU, count=4),
         event("aten::mm", DeviceType.CPU),
+        event("moco/queue", DeviceType.CUDA, 5000.0),  # a named range around kernels: not one
     ]
     shares = tool.kernel_shares(kernels + host, steps=4, step_s=0.002, on_cuda=True)
     total = sum(100.0 + i for i in range(13))  # microseconds over 4 steps

@@ -54,6 +54,7 @@ def test_mean_std_and_differences(tmp_path, capsys):
     assert float(moco["std"]) == pytest.approx(math.sqrt(0.08 / 4))  # sample std, n - 1
     assert float(moco["diff_supervised"]) == pytest.approx(82.4 - 81.3)
     assert float(moco["diff_random"]) == pytest.approx(82.4 - 60.2)
+    assert (moco["verdict_supervised"], moco["verdict_random"]) == ("better", "better")
     assert float(table[("detection", "sup", "bbox/AP")]["std"]) == pytest.approx(0.2)
     assert float(table[("detection", "rand", "bbox/AP75")]["mean"]) == pytest.approx(40.2)
     assert not any(m == "bbox/AP-person" for _, _, m in table)
@@ -63,10 +64,121 @@ def test_mean_std_and_differences(tmp_path, capsys):
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "| row | n | bbox/AP50 | bbox/AP | bbox/AP75 |" in markdown
     assert "| moco | 5 | 82.40 ± 0.14 | 57.40 ± 0.14 | 62.40 ± 0.14 |" in markdown
-    assert "| moco | +1.10 / +22.20 | +1.10 / +22.20 | +1.10 / +22.20 |" in markdown
-    assert "vs sup / vs rand" in markdown and "## knn" in markdown and "## lincls" in markdown
+    assert "Difference vs the supervised row (sup), 95 % Welch interval:" in markdown
+    assert "| moco | +1.10 [+0.70, +1.50] better | +1.10 [+0.70, +1.50] better |" in markdown
+    assert "## knn" in markdown and "## lincls" in markdown
     assert markdown in capsys.readouterr().out
     assert (tmp_path / "report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _row(root: Path, label: str, values: list[float], **extra) -> str:
+    for trial, value in enumerate(values):
+        result = {"task": "detection", "metrics": {"bbox/AP": value}, "trial": trial, **extra}
+        _write(root / label / f"trial_{trial}" / "results.json", result)
+    return f"{label}={root / label}"
+
+
+def test_welch_interval_and_verdict_equal_hand_computed_values(tmp_path):
+    """Row [10, 12, 14] vs a baseline of three 5s: mean difference 7, standard error
+    2 / sqrt(3), Welch degrees of freedom (s^2/n)^2 / ((s^2/n)^2 / 2) = 2, and Student's t with 2
+    degrees of freedom has the closed form t_p = (2p - 1) / sqrt(2p(1 - p)): t_0.975 = 4.30265.
+    The same row against one trial of 5 has no interval."""
+    root = tmp_path / "runs"
+    rows = [_row(root, "base", [5.0, 5.0, 5.0]), _row(root, "new", [10.0, 12.0, 14.0])]
+    rows.append(_row(root, "once", [5.0]))
+    main([*rows, "--supervised", "base", "--random", "once", "--output", str(tmp_path / "r")])
+    new = _csv(tmp_path / "r")[("detection", "new", "bbox/AP")]
+    half = (0.95 / math.sqrt(2 * 0.975 * 0.025)) * 2 / math.sqrt(3)
+    assert float(new["diff_supervised"]) == pytest.approx(7.0)
+    assert float(new["low_supervised"]) == pytest.approx(7.0 - half, rel=1e-9)
+    assert float(new["high_supervised"]) == pytest.approx(7.0 + half, rel=1e-9)
+    assert new["verdict_supervised"] == "better"
+    assert float(new["diff_random"]) == pytest.approx(7.0)
+    assert (new["low_random"], new["high_random"]) == ("", "")
+    assert new["verdict_random"] == "single trial: no interval"
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert "| new | +7.00 (single trial: no interval) |" in markdown
+
+
+def test_overlapping_rows_are_within_noise(tmp_path):
+    root = tmp_path / "runs"
+    rows = [_row(root, "a", [10.0, 12.0, 14.0]), _row(root, "b", [11.0, 13.0, 15.0])]
+    main([*rows, "--supervised", "a", "--output", str(tmp_path / "r")])
+    assert _csv(tmp_path / "r")[("detection", "b", "bbox/AP")]["verdict_supervised"] == (
+        "within noise"
+    )
+
+
+def test_trials_of_different_protocols_are_not_pooled(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for trial, (protocol, value) in enumerate(
+        (("a" * 64, 10.0), ("a" * 64, 12.0), ("b" * 64, 30.0))
+    ):
+        result = {"task": "detection", "metrics": {"bbox/AP": value}, "trial": trial}
+        result["protocol"] = {"config_sha256": protocol, "world_size": 8 if protocol < "b" else 1}
+        _write(root / "moco" / f"trial_{trial}" / "results.json", result)
+    main([f"moco={root / 'moco'}", "--output", str(tmp_path / "r")])
+    table = _csv(tmp_path / "r")
+    assert table[("detection", "moco [aaaaaaaa]", "bbox/AP")]["mean"] == "11.0"
+    assert table[("detection", "moco [bbbbbbbb]", "bbox/AP")]["n"] == "1"
+    note = "row 'moco' (detection): its trials ran 2 different protocols"
+    assert note in capsys.readouterr().err and note in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_rows_far_from_their_expected_numbers_are_flagged(tmp_path):
+    """moco (AP50 82.4 ± 0.14, n 5) against 82.5 ± 0.2 over 5 trials: 0.1 apart, two combined
+    standard errors are 2 sqrt(0.02/5 + 0.04/5) = 0.22: fine. Against 90.0: flagged below."""
+    rows = _fabricate(tmp_path / "runs")
+    for root in (tmp_path / "runs" / "moco").glob("trial_*"):
+        result = json.loads((root / "results.json").read_text())
+        result["config"] = {"MOCO": {"INIT": "moco"}, "SOLVER": {"MAX_ITER": 24000}}
+        _write(root / "results.json", result)
+    expected = tmp_path / "expected.yaml"
+    expected.write_text(
+        '- {name: "VOC MoCo", source: paper, trials: 5,'
+        " match: {MOCO.INIT: moco, SOLVER.MAX_ITER: 24000},"
+        " metrics: {bbox/AP50: [82.5, 0.2], bbox/AP: [80.0, 0.2]}}\n"
+    )
+    main([*rows, "--expected", str(expected), "--output", str(tmp_path / "r")])
+    table = _csv(tmp_path / "r")
+    ap50, ap = table[("detection", "moco", "bbox/AP50")], table[("detection", "moco", "bbox/AP")]
+    assert (ap50["expected_mean"], ap50["expected_n"], ap50["expected_flag"]) == ("82.5", "5", "")
+    assert (ap["expected_mean"], ap["expected_flag"]) == ("80.0", "below expected")
+    assert table[("detection", "sup", "bbox/AP")]["expected_mean"] == ""  # no entry matches
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert "- moco: VOC MoCo (paper; 5 trials): bbox/AP50 82.40 vs 82.50 ± 0.20" in markdown
+    assert "**below expected: bbox/AP**" in markdown and "SOLVER.IMS_PER_BATCH" in markdown
+
+
+def test_the_packaged_expected_numbers_load_and_match_one_entry_each():
+    from moco_pretrain.config import config_root
+    from transfer.comparison import find_expected, load_expected
+
+    entries = load_expected(config_root() / "expected.yaml")
+    voc_moco = {"MOCO": {"INIT": "moco"}, "DATASETS": {"TEST": ["voc_2007_test"]},
+                "SOLVER": {"MAX_ITER": 24000}, "MODEL": {"RESNETS": {"DEPTH": 50}}}  # fmt: skip
+    found = find_expected(entries, voc_moco)
+    assert found.metrics["bbox/AP50"] == (82.4, 0.2) and found.trials == 5
+    assert len({e.name for _, e in entries}) == len(entries)
+
+
+def test_bad_files_are_named_and_skipped(tmp_path, capsys):
+    rows = _fabricate(tmp_path / "runs")
+    bad = {
+        "truncated": '{"task": "detection", "metr',
+        "no_metrics": json.dumps({"task": "detection"}),
+        "text_metric": json.dumps({"task": "detection", "metrics": {"bbox/AP": "high"}}),
+        "other_task": json.dumps({"task": "segmentation", "metrics": {"mIoU": 70.0}}),
+    }
+    for name, text in bad.items():
+        (tmp_path / "runs" / "sup" / name).mkdir()
+        (tmp_path / "runs" / "sup" / name / "results.json").write_text(text)
+    assert main([*rows, "--output", str(tmp_path / "r")]) == 0
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 4 and all(line.startswith("moco-report: skipped ") for line in errors)
+    for name in bad:
+        assert sum(f"{name}/results.json" in line for line in errors) == 1
+    assert _csv(tmp_path / "r")[("detection", "sup", "bbox/AP50")]["n"] == "3"  # the rest stays
 
 
 def test_rerunning_is_idempotent_and_picks_up_new_trials(tmp_path):
@@ -89,7 +201,7 @@ def test_explicit_baselines_and_errors(tmp_path, capsys):
     out = str(tmp_path / "report")
     main([*rows, "--supervised", "moco", "--random", "sup", "--output", out])
     moco = _csv(Path(out))[("detection", "moco", "bbox/AP50")]
-    assert float(moco["diff_supervised"]) == 0.0
+    assert moco["diff_supervised"] == ""  # the baseline itself
     assert float(moco["diff_random"]) == pytest.approx(1.1)
     for extra, pattern in (
         (["--supervised", "nope"], "baseline row 'nope' is not among"),
@@ -98,7 +210,7 @@ def test_explicit_baselines_and_errors(tmp_path, capsys):
         _fails(capsys, [*rows, *extra, "--output", out], pattern)
     _fails(capsys, [f"empty={tmp_path}/nothing", "--output", out], "no results.json under")
     _write(tmp_path / "bad" / "results.json", {"metrics": {}})
-    _fails(capsys, [str(tmp_path / "bad"), "--output", out], "is not a results file")
+    _fails(capsys, [str(tmp_path / "bad"), "--output", out], "no readable results")
 
 
 def _fails(capsys, argv: list[str], pattern: str) -> None:

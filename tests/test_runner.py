@@ -88,12 +88,29 @@ def test_resume_tells_the_hooks_and_trains_only_what_is_left(tmp_path):
     assert [h["epoch"] for h in runner.history] == [1, 2]
 
 
+class Tagged(Hook):
+    """Writes its tag into a log shared with other hooks."""
+
+    def __init__(self, tag: str, log: list[tuple[str, str]]) -> None:
+        self.tag, self.log = tag, log
+
+    def before_step(self, runner: Runner) -> None:
+        self.log.append((self.tag, "step"))
+
+    def after_epoch(self, runner: Runner, epoch: int) -> dict[str, float]:
+        self.log.append((self.tag, "epoch"))
+        return {}
+
+
 def test_registered_hooks_run_after_the_tasks_own(tmp_path):
-    first, second = Recorder(), Recorder()
-    runner = _runner(_task(first), tmp_path, epochs=1)
-    runner.register_hooks(second)
+    log: list[tuple[str, str]] = []
+    task_hook, registered = Tagged("task", log), Tagged("registered", log)
+    runner = _runner(_task(task_hook), tmp_path, epochs=1)
+    runner.register_hooks(registered)
     runner.train()
-    assert first.calls == second.calls and runner.hooks == [first, second]
+    step = [("task", "step"), ("registered", "step")]
+    assert log == [*step * 3, ("task", "epoch"), ("registered", "epoch")]
+    assert runner.hooks == [task_hook, registered]
 
 
 def test_a_task_that_trains_in_eval_mode_keeps_its_bn_statistics(tmp_path):

@@ -25,14 +25,17 @@ def test_torchrun_environment_for_a_task():
     assert 20000 <= slurm.master_port_for("987654_3") < 40000
 
 
-def test_preempted_job_requeues_itself_with_the_same_recipe_and_auto_resume():
-    job = slurm.PretrainJob("pretrain/moco_v2_800ep.yaml", ["DATA.ROOT", "/data"], "first.pth.tar")
+def test_preempted_job_requeues_itself_and_resumes_from_the_newest_checkpoint(tmp_path):
+    opts = ["DATA.ROOT", "/data", "OUTPUT_DIR", str(tmp_path)]
+    job = slurm.PretrainJob("pretrain/moco_v2_800ep.yaml", opts, "first.pth.tar")
     resubmission = job.checkpoint()
     assert isinstance(resubmission, submitit.helpers.DelayedSubmission)
     requeued = resubmission.function
     assert isinstance(requeued, slurm.PretrainJob)
-    assert (requeued.config_file, requeued.opts) == ("pretrain/moco_v2_800ep.yaml", job.opts)
-    assert requeued.resume is None  # the requeued job resumes from its own newest checkpoint
+    assert (requeued.config_file, requeued.opts) == ("pretrain/moco_v2_800ep.yaml", opts)
+    assert requeued.resume == "first.pth.tar"  # preempted before its first checkpoint
+    (tmp_path / "checkpoint_0000.pth.tar").write_bytes(b"")
+    assert job.checkpoint().function.resume is None  # auto-resume from OUTPUT_DIR's newest
 
 
 def test_debug_submission_trains_and_requeue_resumes(tiny_imagefolder, tmp_path, monkeypatch):
@@ -85,6 +88,10 @@ def test_submit_cli_rejects_a_bad_recipe_before_submitting(monkeypatch, capsys):
     assert capsys.readouterr().err.startswith(
         "moco-submit: error: invalid config: MODEL.K is 100, smaller than one global batch"
     )
+    # checked against the job's processes (2 nodes x 8), not the submitting shell's one
+    with pytest.raises(SystemExit):
+        submit_cli.main(["--nodes", "2", "--config-file", "pretrain/moco_v2_200ep_1gpu.yaml"])
+    assert "MODEL.BN_SPLITS is 8 under 16 processes" in capsys.readouterr().err
 
 
 class _Job:

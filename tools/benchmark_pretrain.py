@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 from fvcore.common.config import CfgNode
+from torch.autograd import DeviceType
 
 from moco_pretrain.builder import MoCo
 from moco_pretrain.checkpoint import Checkpointer
@@ -212,14 +213,18 @@ class StepProfiler(Hook):
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.runner.register_hooks(self)
         self._step_end = self.now()
-        with torch.profiler.profile(activities=activities) as profile:
-            quiet_epoch(self.runner, epoch)
-        self.runner.hooks.remove(self)
-        for handle in self._handles:
-            handle.remove()
+        try:
+            with torch.profiler.profile(activities=activities) as profile:
+                quiet_epoch(self.runner, epoch)
+        finally:
+            self.runner.hooks.remove(self)
+            for handle in self._handles:
+                handle.remove()
+        on_device = self.device.type == "cuda"
         for event in profile.key_averages():
-            if event.key in RANGES:
-                on_device = self.device.type == "cuda"
+            # Under CUDA profiling a range is listed twice (its CPU and its GPU row): the CPU row's
+            # device time already holds the kernels launched inside it.
+            if event.key in RANGES and event.device_type == DeviceType.CPU:
                 microseconds = event.device_time_total if on_device else event.cpu_time_total
                 self.totals[RANGES[event.key]] += microseconds / 1e6
         per_step = {k: 1000 * v / max(self.steps, 1) for k, v in self.totals.items()}
@@ -391,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError("need --steps >= 2 (step ends are timed) and --warmup, --rounds >= 1")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    cfg = setup_cfg(args.config_file or None, args.opts)
+    cfg = setup_cfg(args.config_file or None, args.opts, pretraining=True)
     report = benchmark(cfg, args)
     print(format_table(report))
     if args.json:

@@ -657,7 +657,9 @@ def kernel_shares(averages, *, steps: int, step_s: float, on_cuda: bool) -> dict
     device_type = DeviceType.CUDA if on_cuda else DeviceType.CPU
     times = collections.Counter()  # microseconds
     for event in averages:
-        if event.device_type == device_type:
+        # MoCo's record_function ranges (moco/queue, ...) hold kernels: counting them counts twice
+        annotation = getattr(event, "is_user_annotation", False) or event.key.startswith("moco/")
+        if event.device_type == device_type and not annotation:
             times[event.key] += (
                 event.self_device_time_total if on_cuda else event.self_cpu_time_total
             )

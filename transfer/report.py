@@ -1,4 +1,5 @@
-"""``moco-report``: mean ± std over trials, differences vs the supervised and random rows.
+"""``moco-report``: mean ± std over trials, Welch intervals vs the supervised and random rows,
+and each row against its expected numbers.
 
     moco-report supervised=out/voc_sup moco=out/voc_moco random=out/voc_random --output report/
 
@@ -6,10 +7,20 @@ Each ``[LABEL=]DIR`` is one row; its trials are every ``results.json`` below ``D
 ``moco-transfer`` per trial, and by ``moco-knn`` / ``moco-lincls``: ``{"task", "metrics", ...}``).
 Rows are tabulated per task. The supervised and random baselines are ``--supervised`` /
 ``--random``, or else the one row whose results record ``init`` "supervised" (then
-"supervised-tv") / "random". Writes ``report.md``, ``report.csv`` and ``report.png`` (bars with
-± std error bars) into ``--output``, each replaced atomically and computed from the files alone:
-rerunning never loses or double-counts a trial (a file reached through two rows is an error).
-The standard deviation is the sample one (n - 1), as the paper's 5-trial std; n = 1 gives none.
+"supervised-tv") / "random". Every other row gets the difference of the means against each
+baseline with its 95 % Welch interval and a verdict (:mod:`transfer.comparison`).
+
+Trials are pooled only when they ran the same protocol (``protocol.config_sha256``, written by
+``moco-transfer``): a row whose trials differ is split into one row per protocol, with a note.
+A file that cannot be read (truncated, no task or metrics, non-numeric metrics, an unknown task)
+is named in one line and skipped. Expected numbers come from ``configs/expected.yaml`` (or
+``--expected``), matched on the trials' recorded config; a row further than two combined standard
+errors from them is flagged with the likeliest causes.
+
+Writes ``report.md``, ``report.csv`` and ``report.png`` (bars with ± std error bars) into
+``--output``, each replaced atomically and computed from the files alone: rerunning never loses
+or double-counts a trial (a file reached through two rows is an error). The standard deviation is
+the sample one (n - 1), as the paper's 5-trial std; n = 1 gives none.
 """
 
 from __future__ import annotations
@@ -19,13 +30,26 @@ import csv
 import io
 import math
 import statistics
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from moco_pretrain.commandline import exit_on_user_error
+from moco_pretrain.config import config_root
 from moco_pretrain.files import atomic_write
 from moco_pretrain.results import RESULTS_FILE, read_results
+
+from .comparison import (
+    LIKELY_CAUSES,
+    Difference,
+    Expected,
+    Sample,
+    find_expected,
+    load_expected,
+    welch,
+)
 
 __all__ = ["Row", "collect_rows", "render_csv", "render_markdown", "main"]
 
@@ -33,24 +57,28 @@ __all__ = ["Row", "collect_rows", "render_csv", "render_markdown", "main"]
 DEFAULT_METRICS = (
     "bbox/AP50", "bbox/AP", "bbox/AP75", "segm/AP50", "segm/AP", "segm/AP75", "top1", "top5",
 )  # fmt: skip
+TASKS = ("detection", "lincls", "knn", "supervised")
+BASELINE_NAMES = ("supervised", "random")
 
 
 @dataclass
 class Row:
-    """The trials of one ``LABEL=DIR`` argument for one task."""
+    """The trials of one ``LABEL=DIR`` argument for one task and protocol."""
 
     label: str
     task: str
     inits: set[str] = field(default_factory=set)
     trials: list[dict[str, float]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)  # the first trial's recorded config
+    expected: Expected | None = None
 
-    def stats(self, metric: str) -> tuple[int, float, float]:
-        """(n, mean, sample std; NaN when n < 2) of ``metric`` over the trials that report it."""
+    def sample(self, metric: str) -> Sample:
+        """``metric`` over the trials that report it (NaN std when n < 2)."""
         values = [t[metric] for t in self.trials if metric in t]
         if not values or any(map(math.isnan, values)):  # COCO reports NaN for an empty size range
-            return len(values), math.nan, math.nan
+            return Sample(len(values), math.nan, math.nan)
         std = statistics.stdev(values) if len(values) > 1 else math.nan
-        return len(values), statistics.fmean(values), std
+        return Sample(len(values), statistics.fmean(values), std)
 
 
 def _parse_row_arg(arg: str) -> tuple[str, Path]:
@@ -58,10 +86,12 @@ def _parse_row_arg(arg: str) -> tuple[str, Path]:
     return (label, Path(path)) if sep else (Path(arg).name, Path(arg))
 
 
-def collect_rows(row_args: Sequence[str]) -> list[Row]:
-    """Read every ``results.json`` under each ``[LABEL=]DIR``; one :class:`Row` per label/task."""
-    rows: dict[tuple[str, str], Row] = {}
+def collect_rows(row_args: Sequence[str]) -> tuple[list[Row], list[str]]:
+    """Read every ``results.json`` under each ``[LABEL=]DIR``; one :class:`Row` per label, task
+    and protocol. Returns the rows and notes (files skipped, rows split by protocol)."""
+    groups: dict[tuple[str, str], dict[str | None, Row]] = {}
     seen: dict[Path, str] = {}
+    notes: list[str] = []
     for arg in row_args:
         label, root = _parse_row_arg(arg)
         files = [root] if root.is_file() else sorted(root.rglob(RESULTS_FILE))
@@ -72,12 +102,34 @@ def collect_rows(row_args: Sequence[str]) -> list[Row]:
             if resolved in seen:
                 raise ValueError(f"{path} belongs to rows {seen[resolved]!r} and {label!r}")
             seen[resolved] = label
-            result = read_results(path)
-            row = rows.setdefault((label, result["task"]), Row(label, result["task"]))
+            try:
+                result = read_results(path)
+            except ValueError as err:
+                notes.append(f"skipped {err}")
+                continue
+            if result["task"] not in TASKS:
+                notes.append(f"skipped {path}: task {result['task']!r} is none of {TASKS}")
+                continue
+            protocol = (result.get("protocol") or {}).get("config_sha256")
+            by_protocol = groups.setdefault((label, result["task"]), {})
+            row = by_protocol.setdefault(protocol, Row(label, result["task"]))
             row.trials.append({k: float(v) for k, v in result["metrics"].items()})
+            row.config = row.config or result.get("config") or {}
             if result.get("init"):
                 row.inits.add(result["init"])
-    return list(rows.values())
+    rows = []
+    for (label, task), by_protocol in groups.items():
+        if len(by_protocol) > 1:
+            counts = ", ".join(f"{p[:8] if p else 'unrecorded'}: {len(r.trials)}"
+                               for p, r in by_protocol.items())  # fmt: skip
+            notes.append(
+                f"row {label!r} ({task}): its trials ran {len(by_protocol)} different protocols"
+                f" (config hash: trials {counts}); not pooled, one row each"
+            )
+            for protocol, row in by_protocol.items():
+                row.label = f"{label} [{protocol[:8] if protocol else 'unrecorded'}]"
+        rows.extend(by_protocol.values())
+    return rows, notes
 
 
 def _baseline(rows: list[Row], explicit: str | None, inits: Sequence[str]) -> str | None:
@@ -92,27 +144,38 @@ def _baseline(rows: list[Row], explicit: str | None, inits: Sequence[str]) -> st
     return None
 
 
-def _metrics(rows: list[Row], wanted: Sequence[str]) -> list[str]:
-    present = {m for r in rows for t in r.trials for m in t}
-    return [m for m in wanted if m in present]
+@dataclass
+class Cell:
+    """One row's metric: its sample, expected value and flag, differences to the baselines."""
+
+    sample: Sample
+    expected: tuple[float, float | None, int] | None = None
+    flag: str | None = None
+    vs: list[Difference | None] = field(default_factory=list)
 
 
-def _table(rows, baselines, wanted):
-    """Per task: (task, metrics, [(row, {metric: (n, mean, std, diff_sup, diff_rand)})])."""
+def _table(rows: list[Row], baselines: tuple[str | None, ...], wanted: Sequence[str]):
+    """Per task: (task, metrics, [(row, {metric: Cell})])."""
     tables = []
     for task in dict.fromkeys(r.task for r in rows):
         task_rows = [r for r in rows if r.task == task]
-        metrics = _metrics(task_rows, wanted)
+        present = {m for r in task_rows for t in r.trials for m in t}
+        metrics = [m for m in wanted if m in present]
         by_label = {r.label: r for r in task_rows}
         body = []
         for row in task_rows:
             cells = {}
             for m in metrics:
-                n, mean, std = row.stats(m)
-                diffs = [
-                    mean - by_label[b].stats(m)[1] if b in by_label else math.nan for b in baselines
-                ]
-                cells[m] = (n, mean, std, *diffs)
+                cell = Cell(row.sample(m))
+                if row.expected and m in row.expected.metrics:
+                    mean, std = row.expected.metrics[m]
+                    cell.expected = (mean, std, row.expected.trials)
+                    cell.flag = row.expected.check(m, cell.sample)
+                for b in baselines:
+                    other = by_label.get(b)
+                    vs = other is not None and other is not row
+                    cell.vs.append(welch(cell.sample, other.sample(m)) if vs else None)
+                cells[m] = cell
             body.append((row, cells))
         tables.append((task, metrics, body))
     return tables
@@ -122,39 +185,86 @@ def _fmt(value: float, signed: bool = False) -> str:
     return "–" if math.isnan(value) else f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
-def render_markdown(tables, baselines: tuple[str | None, str | None]) -> str:
+def _difference(d: Difference | None) -> str:
+    if d is None:
+        return "–"
+    if math.isnan(d.low):
+        return f"{_fmt(d.diff, True)} ({d.verdict})"
+    return f"{_fmt(d.diff, True)} [{_fmt(d.low, True)}, {_fmt(d.high, True)}] {d.verdict}"
+
+
+def render_markdown(tables, baselines: tuple[str | None, ...], notes: Sequence[str]) -> str:
     lines = []
     for task, metrics, body in tables:
         lines += [f"## {task}", "", "| row | n | " + " | ".join(metrics) + " |"]
         lines.append("|---" * (len(metrics) + 2) + "|")
         for row, cells in body:
-            n = max((cells[m][0] for m in metrics), default=0)
-            values = [f"{_fmt(c[1])} ± {_fmt(c[2])}" for c in map(cells.get, metrics)]
+            n = max((cells[m].sample.n for m in metrics), default=0)
+            values = [
+                f"{_fmt(c.sample.mean)} ± {_fmt(c.sample.std)}" for c in map(cells.get, metrics)
+            ]
             lines.append(f"| {row.label} | {n} | " + " | ".join(values) + " |")
-        if not any(row.label in baselines for row, _ in body):
-            lines.append("")
-            continue  # no supervised or random row for this task
-        names = [b or "(none)" for b in baselines]
-        lines += ["", f"Difference of the means vs {names[0]} / vs {names[1]}:", ""]
-        lines += ["| row | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-        for row, cells in body:
-            diffs = [f"{_fmt(c[3], True)} / {_fmt(c[4], True)}" for c in map(cells.get, metrics)]
-            lines.append(f"| {row.label} | " + " | ".join(diffs) + " |")
+        for i, (name, baseline) in enumerate(zip(BASELINE_NAMES, baselines, strict=True)):
+            if baseline is None or not any(row.label == baseline for row, _ in body):
+                continue
+            lines += ["", f"Difference vs the {name} row ({baseline}), 95 % Welch interval:", ""]
+            lines += ["| row | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+            for row, cells in body:
+                if row.label != baseline:
+                    diffs = [_difference(cells[m].vs[i]) for m in metrics]
+                    lines.append(f"| {row.label} | " + " | ".join(diffs) + " |")
+        lines += _expected_lines(body, metrics)
         lines.append("")
+    if notes:
+        lines += ["## Notes", "", *(f"- {note}" for note in notes), ""]
     return "\n".join(lines)
+
+
+def _expected_lines(body, metrics: Sequence[str]) -> list[str]:
+    rows = [(row, cells) for row, cells in body if row.expected]
+    if not rows:
+        return []
+    lines = ["", "Expected (`configs/expected.yaml`):", ""]
+    for row, cells in rows:
+        exp = row.expected
+        values = [
+            f"{m} {_fmt(c.sample.mean)} vs {c.expected[0]:.2f}"
+            + (f" ± {c.expected[1]:.2f}" if c.expected[1] is not None else "")
+            for m, c in cells.items()
+            if c.expected
+        ]
+        lines.append(f"- {row.label}: {exp.name} ({exp.source}; {exp.trials} trials): "
+                     + ", ".join(values))  # fmt: skip
+        for m in metrics:
+            if cells[m].flag:
+                lines.append(
+                    f"  - **{cells[m].flag}: {m}** (more than two combined standard errors"
+                    f" away). Likeliest causes: {LIKELY_CAUSES}."
+                )
+    return lines
+
+
+CSV_COLUMNS = [
+    "task", "row", "metric", "n", "mean", "std", "expected_mean", "expected_std", "expected_n",
+    "expected_flag",
+    *(f"{part}_{name}" for name in BASELINE_NAMES for part in ("diff", "low", "high", "verdict")),
+]  # fmt: skip
 
 
 def render_csv(tables) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["task", "row", "metric", "n", "mean", "std", "diff_supervised", "diff_random"])
+    writer.writerow(CSV_COLUMNS)
+    blank = lambda x: "" if x is None or (isinstance(x, float) and math.isnan(x)) else x  # noqa: E731
     for task, metrics, body in tables:
         for row, cells in body:
             for m in metrics:
-                n, *numbers = cells[m]
-                writer.writerow(
-                    [task, row.label, m, n, *("" if math.isnan(x) else x for x in numbers)]
-                )
+                c = cells[m]
+                values = [task, row.label, m, c.sample.n, c.sample.mean, c.sample.std]
+                values += list(c.expected or (None, None, None)) + [c.flag]
+                for d in c.vs:
+                    values += [d.diff, d.low, d.high, d.verdict] if d else [None] * 4
+                writer.writerow([blank(v) for v in values])
     return out.getvalue()
 
 
@@ -169,8 +279,10 @@ def render_png(tables) -> bytes:
     for ax, (task, metrics, body) in zip(axes[0], tables, strict=True):
         width = 0.8 / max(len(body), 1)
         for i, (row, cells) in enumerate(body):
-            means = [cells[m][1] for m in metrics]
-            errors = [0.0 if math.isnan(cells[m][2]) else cells[m][2] for m in metrics]
+            means = [cells[m].sample.mean for m in metrics]
+            errors = [
+                0.0 if math.isnan(cells[m].sample.std) else cells[m].sample.std for m in metrics
+            ]
             x = [j + (i - (len(body) - 1) / 2) * width for j in range(len(metrics))]
             ax.bar(x, means, width, yerr=errors, capsize=3, label=row.label)
         ax.set_xticks(range(len(metrics)), metrics)
@@ -194,21 +306,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--supervised", default=None, help="label of the supervised row")
     parser.add_argument("--random", default=None, help="label of the random-init row")
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS))
+    parser.add_argument(
+        "--expected", default=str(config_root() / "expected.yaml"),
+        help="expected results per config (default: %(default)s; '' for none)",
+    )  # fmt: skip
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with exit_on_user_error("moco-report"):
-        rows = collect_rows(args.rows)
+        rows, notes = collect_rows(args.rows)
+        if not rows:
+            raise ValueError(f"no readable results in {args.rows}: " + "; ".join(notes))
+        entries = load_expected(args.expected) if args.expected else []
+        for row in rows:
+            row.expected = find_expected(entries, row.config)
         baselines = (
             _baseline(rows, args.supervised, ("supervised", "supervised-tv")),
             _baseline(rows, args.random, ("random",)),
         )
+    for note in notes:
+        print(f"moco-report: {note}", file=sys.stderr)
     tables = _table(rows, baselines, args.metrics)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    markdown = render_markdown(tables, baselines)
+    markdown = render_markdown(tables, baselines, notes)
     atomic_write(output / "report.md", lambda f: f.write(markdown.encode()))
     atomic_write(output / "report.csv", lambda f: f.write(render_csv(tables).encode()))
     atomic_write(output / "report.png", lambda f: f.write(render_png(tables)))

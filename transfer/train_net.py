@@ -21,29 +21,36 @@ registration, trials and ``results.json`` are additions. Training itself is dete
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import os
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import detectron2
+import torch
 import yaml
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import (
     DefaultTrainer,
+    TrainerBase,
     default_argument_parser,
     default_setup,
     hooks,
     launch,
 )
-from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from fvcore.nn.precise_bn import get_bn_modules
+from torch import nn
 
 from moco_pretrain.commandline import exit_on_user_error
-from moco_pretrain.config import resolve_config_file
+from moco_pretrain.config import config_root, resolve_config_file
 from moco_pretrain.files import file_sha256
 from moco_pretrain.results import RESULTS_FILE, write_results
 
@@ -52,22 +59,76 @@ from .datasets import register_datasets
 from .preflight import load_verified
 
 
+def average_bn_statistics(bn_layers: list[nn.Module]) -> None:
+    """Replace every layer's running mean and variance by their mean over the processes."""
+    world_size = comm.get_world_size()
+    if world_size == 1 or not bn_layers:
+        return
+    buffers = [b for bn in bn_layers for b in (bn.running_mean, bn.running_var)]
+    flat = torch.cat([b.flatten() for b in buffers])  # one all-reduce for every layer
+    torch.distributed.all_reduce(flat)
+    flat /= world_size
+    for buffer, averaged in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
+        buffer.copy_(averaged.view_as(buffer))
+
+
+class AverageBNStatistics(hooks.HookBase):
+    """Right after detectron2's PreciseBN (same iterations), average the BN statistics over the
+    processes.
+
+    fvcore's ``update_bn_stats`` weights each batch by the size of its input on that process, and
+    the sizes differ across processes (images of other shapes), so every process ends with other
+    statistics even under SyncBN (detectron2#5398) and each would evaluate another model.
+    """
+
+    def __init__(self, period: int, bn_layers: list[nn.Module]) -> None:
+        self.period, self.bn_layers = period, bn_layers
+
+    def after_step(self) -> None:
+        next_iter = self.trainer.iter + 1
+        if next_iter == self.trainer.max_iter or (self.period > 0 and next_iter % self.period == 0):
+            average_bn_statistics(self.bn_layers)
+
+
 class Trainer(DefaultTrainer):
+    def __init__(self, cfg: CfgNode) -> None:
+        super().__init__(cfg)  # rescales cfg to the processes when SOLVER.REFERENCE_WORLD_SIZE > 0
+        solver, world_size = self.cfg.SOLVER, comm.get_world_size()
+        logging.getLogger("detectron2").info(
+            "effective schedule: %d processes x %d images = batch %d, lr %g, %d iterations,"
+            " lr steps %s (SOLVER.REFERENCE_WORLD_SIZE %d)",
+            world_size, solver.IMS_PER_BATCH // world_size, solver.IMS_PER_BATCH,
+            solver.BASE_LR, solver.MAX_ITER, tuple(solver.STEPS),
+            cfg.SOLVER.REFERENCE_WORLD_SIZE,
+        )  # fmt: skip
+
+    def train(self) -> dict[str, Any]:
+        """Train; return the final evaluation, checked against ``TEST.EXPECTED_RESULTS`` if set
+        (``DefaultTrainer.train`` would look for it where only its own evaluation hook keeps it)."""
+        TrainerBase.train(self, self.start_iter, self.max_iter)
+        if self.cfg.TEST.EXPECTED_RESULTS and comm.is_main_process():
+            verify_results(self.cfg, self.eval_results)
+        return self.eval_results
+
     def build_hooks(self) -> list[hooks.HookBase]:
-        """detectron2's hooks, its evaluation hook keeping the newest results in
-        ``self.eval_results`` (``train()`` returns them only with ``TEST.EXPECTED_RESULTS``)."""
+        """detectron2's hooks, with the BN statistics averaged over the processes after PreciseBN,
+        and the evaluation hook keeping the newest results in ``self.eval_results``
+        (``train()`` returns them only with ``TEST.EXPECTED_RESULTS``)."""
         self.eval_results: dict[str, Any] = {}
 
         def evaluate() -> dict[str, Any]:
             self.eval_results = self.test(self.cfg, self.model)
             return self.eval_results
 
-        return [
-            hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, evaluate)
-            if isinstance(hook, hooks.EvalHook)
-            else hook
-            for hook in super().build_hooks()
-        ]
+        built = []
+        for hook in super().build_hooks():
+            if isinstance(hook, hooks.EvalHook):
+                hook = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, evaluate)
+            built.append(hook)
+            if isinstance(hook, hooks.PreciseBN):
+                bn_layers = get_bn_modules(self.model)
+                built.append(AverageBNStatistics(self.cfg.TEST.EVAL_PERIOD, bn_layers))
+        return built
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
@@ -128,8 +189,35 @@ def _flatten(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def write_trial_results(cfg: CfgNode, results: dict[str, Any], *, trial: int) -> Path:
-    """The trial's ``results.json`` (:mod:`moco_pretrain.results`), read by ``moco-report``.
+def protocol_of(effective: CfgNode) -> dict[str, Any]:
+    """What makes trials comparable: the effective schedule (after ``REFERENCE_WORLD_SIZE``
+    rescaling), the processes, the software, and a hash of the effective config without the seed
+    and the output folder. ``moco-report`` pools only trials with the same hash."""
+    world_size = comm.get_world_size()
+    hashed = yaml.safe_load(effective.dump())
+    hashed.pop("SEED"), hashed.pop("OUTPUT_DIR")
+    hashed["world_size"] = world_size
+    solver = effective.SOLVER
+    return {
+        "config_sha256": hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest(),
+        "world_size": world_size,
+        "ims_per_batch": solver.IMS_PER_BATCH,
+        "ims_per_gpu": solver.IMS_PER_BATCH // world_size,
+        "base_lr": solver.BASE_LR,
+        "max_iter": solver.MAX_ITER,
+        "steps": list(solver.STEPS),
+        "reference_world_size": solver.REFERENCE_WORLD_SIZE,
+        "detectron2": detectron2.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def write_trial_results(
+    cfg: CfgNode, results: dict[str, Any], *, trial: int, effective: CfgNode, config_file: str
+) -> Path:
+    """The trial's ``results.json`` (:mod:`moco_pretrain.results`), read by ``moco-report``:
+    the metrics, the weights' sha256, ``cfg`` as given (before any rescaling), ``config_file`` and
+    the :func:`protocol_of` the ``effective`` config.
 
     Written atomically: a trial is either finished (its results.json exists, whole) or not.
     """
@@ -143,21 +231,18 @@ def write_trial_results(cfg: CfgNode, results: dict[str, Any], *, trial: int) ->
             "checkpoint": weights,
             "checkpoint_sha256": file_sha256(weights) if os.path.isfile(weights) else None,
         },
+        config_file=config_file,
+        protocol=protocol_of(effective),
         init=cfg.MOCO.INIT,
         trial=trial,
         seed=cfg.SEED,
     )
 
 
-def _train(trainer: Trainer) -> dict[str, Any]:
-    """Train, then return the final evaluation (the evaluation hook runs it at the end)."""
-    trainer.train()
-    return trainer.eval_results
-
-
 def run_trial(args: argparse.Namespace, trial: int) -> dict[str, Any]:
     """One trial, in every process that ``launch`` starts."""
     cfg = setup(args, trial)
+    effective = cfg  # as given; training rescales it to the processes (REFERENCE_WORLD_SIZE)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
@@ -165,16 +250,22 @@ def run_trial(args: argparse.Namespace, trial: int) -> dict[str, Any]:
         run = partial(Trainer.test, cfg, model)
     else:
         trainer = Trainer(cfg)
+        effective = trainer.cfg
         model = getattr(trainer.model, "module", trainer.model)  # unwrap DistributedDataParallel
         load = partial(trainer.resume_or_load, resume=args.resume)
-        run = partial(_train, trainer)
+        run = trainer.train
     if cfg.MOCO.CHECK_BACKBONE_WEIGHTS:
         load_verified(model, load, weights=cfg.MODEL.WEIGHTS)
     else:
         load()
     results = run()
     if comm.is_main_process():
-        write_trial_results(cfg, results, trial=trial)
+        config_file = Path(args.config_file).resolve()
+        if config_file.is_relative_to(config_root().resolve()):
+            config_file = config_file.relative_to(config_root().resolve())
+        write_trial_results(
+            cfg, results, trial=trial, effective=effective, config_file=str(config_file)
+        )
     return results
 
 

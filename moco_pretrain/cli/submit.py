@@ -11,7 +11,7 @@ import argparse
 
 from moco_pretrain.cli.pretrain import get_parser as get_pretrain_parser
 from moco_pretrain.commandline import exit_on_user_error
-from moco_pretrain.config import resolve_config_file, setup_cfg
+from moco_pretrain.config import resolve_config_file, setup_cfg, validate
 from moco_pretrain.slurm import submit
 
 
@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     args = get_parser().parse_args(argv)
     with exit_on_user_error("moco-submit"):  # a bad recipe fails here, not in the queue
         config_file = str(resolve_config_file(args.config_file).resolve())
-        setup_cfg(config_file, args.opts)
+        cfg = setup_cfg(config_file, args.opts)
+        validate(cfg, world_size=args.nodes * args.gpus_per_node, pretraining=True)
     job = submit(
         config_file,
         args.opts,
