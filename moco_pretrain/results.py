@@ -49,12 +49,13 @@ def read_results(path: str | Path) -> dict[str, Any]:
     """The record in ``path``.
 
     Raises:
-        ValueError: ``path`` is not JSON, or not an object with ``task`` and numeric ``metrics``.
+        ValueError: naming ``path``: it cannot be read as JSON, is not an object with ``task`` and
+            numeric ``metrics``, or has a ``protocol``, ``init`` or ``config`` of the wrong type.
     """
     try:
-        record = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from None
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} cannot be read as JSON ({err})") from None
     if not isinstance(record, dict) or not all(key in record for key in REQUIRED_KEYS):
         raise ValueError(f"{path} is not a results file (no 'task' and 'metrics')")
     metrics = record["metrics"]
@@ -62,4 +63,7 @@ def read_results(path: str | Path) -> dict[str, Any]:
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()
     ):
         raise ValueError(f"{path}: 'metrics' must map names to numbers")
+    for key, kind in (("protocol", dict), ("init", str), ("config", dict)):
+        if record.get(key) is not None and not isinstance(record[key], kind):
+            raise ValueError(f"{path}: {key!r} must be a {kind.__name__}")
     return record

@@ -50,7 +50,12 @@ def _precise_bn_then_average(rank: int) -> None:
     hook.after_step()
     after = _statistics(bn)
     assert torch.equal(after[0], after[1])
-    torch.testing.assert_close(after[rank], (before[0] + before[1]) / 2)
+    # pooled as one population of two equal parts: E[mean], E[var + mean^2] - E[mean]^2
+    (m0, v0), (m1, v1) = (b.split(4) for b in before)
+    mean = (m0 + m1) / 2
+    torch.testing.assert_close(
+        after[rank], torch.cat([mean, (v0 + m0**2 + v1 + m1**2) / 2 - mean**2])
+    )
 
 
 @pytest.mark.ddp

@@ -8,7 +8,9 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
+from transfer.comparison import Expected, Sample, find_expected, load_expected, welch
 from transfer.report import main
 
 VOC = {  # per-row AP50 over trials; AP and AP75 are AP50 - 25 and AP50 - 20
@@ -123,6 +125,14 @@ def test_trials_of_different_protocols_are_not_pooled(tmp_path, capsys):
     assert table[("detection", "moco [bbbbbbbb]", "bbox/AP")]["n"] == "1"
     note = "row 'moco' (detection): its trials ran 2 different protocols"
     assert note in capsys.readouterr().err and note in (tmp_path / "r" / "report.md").read_text()
+    # named as a baseline, a split row is its part with the most trials
+    main([f"moco={root / 'moco'}", "--random", "moco", "--output", str(tmp_path / "r2")])
+    other = _csv(tmp_path / "r2")[("detection", "moco [bbbbbbbb]", "bbox/AP")]
+    assert float(other["diff_random"]) == pytest.approx(30.0 - 11.0)
+    assert other["verdict_random"] == "single trial: no interval"
+    assert "baseline 'moco' ran several protocols: compared with 'moco [aaaaaaaa]'" in (
+        capsys.readouterr().err
+    )
 
 
 def test_rows_far_from_their_expected_numbers_are_flagged(tmp_path):
@@ -150,14 +160,52 @@ def test_rows_far_from_their_expected_numbers_are_flagged(tmp_path):
     assert "**below expected: bbox/AP**" in markdown and "SOLVER.IMS_PER_BATCH" in markdown
 
 
+def test_a_single_trial_is_checked_with_the_references_std():
+    """One trial has no std: 82.4 against 82.5 ± 0.2 (5 trials) is within 2 sqrt(0.04 + 0.008)."""
+    expected = Expected("VOC", "paper", 5, {"bbox/AP50": (82.5, 0.2)})
+    assert expected.check("bbox/AP50", Sample(1, 82.4, math.nan)) is None
+    assert expected.check("bbox/AP50", Sample(1, 82.0, math.nan)) == "below expected"
+    assert welch(Sample(0, math.nan, math.nan), Sample(3, 1.0, 0.1)).verdict == "no data"
+
+
+@pytest.mark.parametrize(
+    ("config", "entry"),
+    [
+        ("detection/pascal_voc_R_50_C4_24k_moco.yaml", "24k iterations: MoCo v2, 200 epochs"),
+        ("detection/pascal_voc_R_50_C4_24k.yaml", "24k iterations: ImageNet-1M supervised"),
+        ("detection/coco_R_50_FPN_1x_random.yaml", "R50-FPN 1x: random init"),
+        ("detection/coco_R_50_C4_2x_moco.yaml", "R50-C4 2x: MoCo v1"),
+        ("detection/fashion_scenes_R_18_FPN_sup.yaml", "200 iterations: supervised"),
+        ("detection/deepforest_R_50_C4_random.yaml", "100 iterations: random init"),
+        ("detection/pascal_voc_R_50_C4_24k_tvsup.yaml", None),  # no published number
+        ("detection/instant_test_voc_R_50_C4.yaml", None),
+    ],
+)
+def test_each_benchmark_config_as_recorded_matches_its_expected_entry(config, entry):
+    """The config as moco-transfer records it (detectron2 defaults + plugin keys + the YAML,
+    through yaml) against the packaged file."""
+    pytest.importorskip("detectron2")
+    from detectron2.config import get_cfg
+
+    from moco_pretrain.config import config_root, resolve_config_file
+    from transfer.config import add_moco_config
+
+    cfg = get_cfg()
+    add_moco_config(cfg)
+    cfg.merge_from_file(str(resolve_config_file(config)))
+    found = find_expected(
+        load_expected(config_root() / "expected.yaml"), yaml.safe_load(cfg.dump())
+    )
+    assert [entry in e.name for e in found] == ([True] if entry else [])
+
+
 def test_the_packaged_expected_numbers_load_and_match_one_entry_each():
     from moco_pretrain.config import config_root
-    from transfer.comparison import find_expected, load_expected
 
     entries = load_expected(config_root() / "expected.yaml")
     voc_moco = {"MOCO": {"INIT": "moco"}, "DATASETS": {"TEST": ["voc_2007_test"]},
                 "SOLVER": {"MAX_ITER": 24000}, "MODEL": {"RESNETS": {"DEPTH": 50}}}  # fmt: skip
-    found = find_expected(entries, voc_moco)
+    (found,) = find_expected(entries, voc_moco)
     assert found.metrics["bbox/AP50"] == (82.4, 0.2) and found.trials == 5
     assert len({e.name for _, e in entries}) == len(entries)
 

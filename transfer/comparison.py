@@ -17,12 +17,13 @@ import yaml
 from scipy import stats
 
 SINGLE_TRIAL = "single trial: no interval"
+NO_DATA = "no data"
 # What most often moves a detection-transfer number away from the published one.
 LIKELY_CAUSES = (
     "the total batch or the number of GPUs (SOLVER.IMS_PER_BATCH, SOLVER.REFERENCE_WORLD_SIZE: the"
-    " BN batch per GPU changes with them), the weights (MODEL.WEIGHTS: another checkpoint, or"
-    " converted with another --arch), the input format (INPUT.FORMAT, MODEL.PIXEL_MEAN/STD must"
-    " match how the backbone was trained)"
+    " SyncBN batch, 2 images x GPUs, changes with them), the weights (MODEL.WEIGHTS: another"
+    " checkpoint, or converted with another --arch), the input format (INPUT.FORMAT,"
+    " MODEL.PIXEL_MEAN/STD must match how the backbone was trained)"
 )
 
 
@@ -52,7 +53,9 @@ def welch(row: Sample, baseline: Sample, *, confidence: float = 0.95) -> Differe
     without an interval, verdict :data:`SINGLE_TRIAL`.
     """
     diff = row.mean - baseline.mean
-    if row.n < 2 or baseline.n < 2 or math.isnan(diff):
+    if row.n == 0 or baseline.n == 0 or math.isnan(diff):  # no trial, or a NaN metric
+        return Difference(diff, math.nan, math.nan, NO_DATA)
+    if row.n < 2 or baseline.n < 2:
         return Difference(diff, math.nan, math.nan, SINGLE_TRIAL)
     var_row, var_base = row.std**2 / row.n, baseline.std**2 / baseline.n
     se = math.sqrt(var_row + var_base)
@@ -79,7 +82,9 @@ class Expected:
         """``"below expected"`` / ``"above expected"`` when ``row``'s mean lies further from the
         reference than two combined standard errors, else None (also when no std is known).
 
-        A row of one trial has no std of its own: the reference's std stands in for it.
+        A row of one trial has no std of its own: the reference's std stands in for it. Two
+        standard errors, not a t quantile: with 3 trials a row in agreement is flagged about one
+        time in eight, so a flag asks for a look, it is no verdict.
         """
         mean, std = self.metrics[metric]
         row_std = row.std if row.n > 1 else std
@@ -125,9 +130,8 @@ def config_value(config: dict[str, Any], dotted: str) -> Any:
 
 def find_expected(
     entries: list[tuple[dict[str, Any], Expected]], config: dict[str, Any]
-) -> Expected | None:
-    """The one entry whose every ``match`` key has the value ``config`` records, if any."""
-    found = [
+) -> list[Expected]:
+    """The entries whose every ``match`` key has the value ``config`` records (one, normally)."""
+    return [
         e for match, e in entries if all(config_value(config, k) == v for k, v in match.items())
     ]
-    return found[0] if len(found) == 1 else None

@@ -67,6 +67,7 @@ class Row:
 
     label: str
     task: str
+    base_label: str = ""  # the LABEL given, when the label carries a protocol suffix
     inits: set[str] = field(default_factory=set)
     trials: list[dict[str, float]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)  # the first trial's recorded config
@@ -127,21 +128,35 @@ def collect_rows(row_args: Sequence[str]) -> tuple[list[Row], list[str]]:
                 f" (config hash: trials {counts}); not pooled, one row each"
             )
             for protocol, row in by_protocol.items():
+                row.base_label = label
                 row.label = f"{label} [{protocol[:8] if protocol else 'unrecorded'}]"
         rows.extend(by_protocol.values())
     return rows, notes
 
 
-def _baseline(rows: list[Row], explicit: str | None, inits: Sequence[str]) -> str | None:
+def _baseline(
+    rows: list[Row], explicit: str | None, inits: Sequence[str], notes: list[str]
+) -> str | None:
+    """The label of the baseline row: ``explicit``, else the one row whose trials record one of
+    ``inits``. A baseline split by protocol is its part with the most trials (with a note)."""
     if explicit is not None:
-        if not any(r.label == explicit for r in rows):
+        candidates = [r for r in rows if explicit in (r.label, r.base_label)]
+        if not candidates:
             raise ValueError(f"baseline row {explicit!r} is not among {[r.label for r in rows]}")
-        return explicit
-    for init in inits:
-        labels = {r.label for r in rows if r.inits == {init}}
-        if len(labels) == 1:
-            return labels.pop()
-    return None
+    else:
+        candidates = []
+        for init in inits:
+            candidates = [r for r in rows if r.inits == {init}]
+            if len({r.base_label or r.label for r in candidates}) == 1:
+                break
+            candidates = []
+    if not candidates:
+        return None
+    chosen = max(candidates, key=lambda r: len(r.trials))
+    if len(candidates) > 1:
+        notes.append(f"baseline {chosen.base_label!r} ran several protocols: compared with"
+                     f" {chosen.label!r} ({len(chosen.trials)} trials)")  # fmt: skip
+    return chosen.label
 
 
 @dataclass
@@ -235,12 +250,12 @@ def _expected_lines(body, metrics: Sequence[str]) -> list[str]:
         ]
         lines.append(f"- {row.label}: {exp.name} ({exp.source}; {exp.trials} trials): "
                      + ", ".join(values))  # fmt: skip
-        for m in metrics:
-            if cells[m].flag:
-                lines.append(
-                    f"  - **{cells[m].flag}: {m}** (more than two combined standard errors"
-                    f" away). Likeliest causes: {LIKELY_CAUSES}."
-                )
+        flagged = [f"**{cells[m].flag}: {m}**" for m in metrics if cells[m].flag]
+        if flagged:
+            lines.append(
+                f"  - {', '.join(flagged)} (more than two combined standard errors away)."
+                f" Likeliest causes: {LIKELY_CAUSES}."
+            )
     return lines
 
 
@@ -321,10 +336,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"no readable results in {args.rows}: " + "; ".join(notes))
         entries = load_expected(args.expected) if args.expected else []
         for row in rows:
-            row.expected = find_expected(entries, row.config)
+            found = find_expected(entries, row.config)
+            row.expected = found[0] if len(found) == 1 else None
+            if len(found) > 1:
+                notes.append(f"row {row.label!r} matches {len(found)} expected entries"
+                             f" ({', '.join(e.name for e in found)}): none shown")  # fmt: skip
         baselines = (
-            _baseline(rows, args.supervised, ("supervised", "supervised-tv")),
-            _baseline(rows, args.random, ("random",)),
+            _baseline(rows, args.supervised, ("supervised", "supervised-tv"), notes),
+            _baseline(rows, args.random, ("random",), notes),
         )
     for note in notes:
         print(f"moco-report: {note}", file=sys.stderr)

@@ -60,16 +60,21 @@ from .preflight import load_verified
 
 
 def average_bn_statistics(bn_layers: list[nn.Module]) -> None:
-    """Replace every layer's running mean and variance by their mean over the processes."""
+    """Pool every layer's running statistics over the processes, each process one equal part:
+    mean = E[mean_p], var = E[var_p + mean_p^2] - mean^2 (under SyncBN the means already agree
+    and this is the average of the variances)."""
     world_size = comm.get_world_size()
     if world_size == 1 or not bn_layers:
         return
-    buffers = [b for bn in bn_layers for b in (bn.running_mean, bn.running_var)]
-    flat = torch.cat([b.flatten() for b in buffers])  # one all-reduce for every layer
+    means = [bn.running_mean for bn in bn_layers]
+    second = [bn.running_var + bn.running_mean**2 for bn in bn_layers]  # E[x^2] per process
+    flat = torch.cat([t.flatten() for t in means + second])  # one all-reduce for every layer
     torch.distributed.all_reduce(flat)
     flat /= world_size
-    for buffer, averaged in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
-        buffer.copy_(averaged.view_as(buffer))
+    pooled = flat.split([t.numel() for t in means + second])
+    for bn, mean, moment in zip(bn_layers, pooled[: len(means)], pooled[len(means) :], strict=True):
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(moment - mean**2)
 
 
 class AverageBNStatistics(hooks.HookBase):
@@ -189,13 +194,29 @@ def _flatten(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def protocol_of(effective: CfgNode) -> dict[str, Any]:
+# Settings that change how a run is logged, stored or fed, not what it learns or how it is scored.
+NOT_PROTOCOL = {
+    "SEED": None, "OUTPUT_DIR": None, "VIS_PERIOD": None, "CUDNN_BENCHMARK": None,
+    "DATALOADER": ("NUM_WORKERS",), "TEST": ("EVAL_PERIOD",), "SOLVER": ("CHECKPOINT_PERIOD",),
+    "MOCO": ("DATASETS",),
+}  # fmt: skip
+
+
+def protocol_of(
+    given: CfgNode, effective: CfgNode, *, weights_sha256: str | None
+) -> dict[str, Any]:
     """What makes trials comparable: the effective schedule (after ``REFERENCE_WORLD_SIZE``
-    rescaling), the processes, the software, and a hash of the effective config without the seed
-    and the output folder. ``moco-report`` pools only trials with the same hash."""
+    rescaling), the processes, the software, and ``config_sha256``, a hash of the effective
+    config with the weights by content, without the seed, the output folder, the dataset paths
+    and the logging and loading periods. ``moco-report`` pools only trials with the same hash."""
     world_size = comm.get_world_size()
     hashed = yaml.safe_load(effective.dump())
-    hashed.pop("SEED"), hashed.pop("OUTPUT_DIR")
+    for key, subkeys in NOT_PROTOCOL.items():
+        for subkey in subkeys or ():
+            hashed.get(key, {}).pop(subkey, None)
+        if subkeys is None:
+            hashed.pop(key, None)
+    hashed["MODEL"]["WEIGHTS"] = weights_sha256 or effective.MODEL.WEIGHTS
     hashed["world_size"] = world_size
     solver = effective.SOLVER
     return {
@@ -206,7 +227,7 @@ def protocol_of(effective: CfgNode) -> dict[str, Any]:
         "base_lr": solver.BASE_LR,
         "max_iter": solver.MAX_ITER,
         "steps": list(solver.STEPS),
-        "reference_world_size": solver.REFERENCE_WORLD_SIZE,
+        "reference_world_size": given.SOLVER.REFERENCE_WORLD_SIZE,
         "detectron2": detectron2.__version__,
         "torch": torch.__version__,
     }
@@ -222,17 +243,15 @@ def write_trial_results(
     Written atomically: a trial is either finished (its results.json exists, whole) or not.
     """
     weights = cfg.MODEL.WEIGHTS  # "" for random init, or a URL (detectron2://...): no hash
+    sha256 = file_sha256(weights) if os.path.isfile(weights) else None
     return write_results(
         cfg.OUTPUT_DIR,
         task="detection",
         metrics=_flatten(results),  # e.g. "bbox/AP50", "segm/AP"
         config=yaml.safe_load(cfg.dump()),
-        weights={
-            "checkpoint": weights,
-            "checkpoint_sha256": file_sha256(weights) if os.path.isfile(weights) else None,
-        },
+        weights={"checkpoint": weights, "checkpoint_sha256": sha256},
         config_file=config_file,
-        protocol=protocol_of(effective),
+        protocol=protocol_of(cfg, effective, weights_sha256=sha256),
         init=cfg.MOCO.INIT,
         trial=trial,
         seed=cfg.SEED,
@@ -242,7 +261,8 @@ def write_trial_results(
 def run_trial(args: argparse.Namespace, trial: int) -> dict[str, Any]:
     """One trial, in every process that ``launch`` starts."""
     cfg = setup(args, trial)
-    effective = cfg  # as given; training rescales it to the processes (REFERENCE_WORLD_SIZE)
+    # the schedule the trial trains (or trained) with: rescaled to the processes
+    effective = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
     if args.eval_only:
         model = Trainer.build_model(cfg)
         checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
@@ -250,7 +270,6 @@ def run_trial(args: argparse.Namespace, trial: int) -> dict[str, Any]:
         run = partial(Trainer.test, cfg, model)
     else:
         trainer = Trainer(cfg)
-        effective = trainer.cfg
         model = getattr(trainer.model, "module", trainer.model)  # unwrap DistributedDataParallel
         load = partial(trainer.resume_or_load, resume=args.resume)
         run = trainer.train
