@@ -59,5 +59,6 @@ def _precise_bn_then_average(rank: int) -> None:
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # two processes
 def test_every_process_ends_precise_bn_with_the_same_statistics():
     run_on_gloo(_precise_bn_then_average)

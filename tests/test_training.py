@@ -39,6 +39,7 @@ def tiny_cfg(data_root: Path, output_dir: Path, *extra: str):
     )  # fmt: skip
 
 
+@pytest.mark.slow  # two 6-epoch runs
 def test_training_lowers_the_loss(tiny_imagefolder, tmp_path):
     """SGD steps lower the InfoNCE loss below that of the same run with a zero learning rate.
 
