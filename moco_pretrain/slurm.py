@@ -60,8 +60,8 @@ class PretrainJob:
                 master_port=master_port_for(str(env.job_id)),
             )
         )
-        cfg = setup_cfg(self.config_file, self.opts, pretraining=True)
-        run_pretraining(cfg, resume=self.resume)
+        # run_pretraining validates the config for pretraining (moco-submit did for the job, too)
+        run_pretraining(setup_cfg(self.config_file, self.opts), resume=self.resume)
 
     def checkpoint(self) -> Any:
         """Called by submitit on preemption or timeout: resubmit. The requeued job auto-resumes

@@ -250,6 +250,10 @@ def test_explicit_baselines_and_errors(tmp_path, capsys):
     main([*rows, "--supervised", "moco", "--random", "sup", "--output", out])
     moco = _csv(Path(out))[("detection", "moco", "bbox/AP50")]
     assert moco["diff_supervised"] == ""  # the baseline itself
+    markdown = (Path(out) / "report.md").read_text()
+    assert "## Notes" not in markdown  # moco's knn and lincls rows do not split it
+    knn = markdown[markdown.index("## knn") : markdown.index("## lincls")]
+    assert "Difference vs" not in knn  # the baseline alone: nothing to compare
     assert float(moco["diff_random"]) == pytest.approx(1.1)
     for extra, pattern in (
         (["--supervised", "nope"], "baseline row 'nope' is not among"),

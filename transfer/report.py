@@ -121,17 +121,21 @@ def collect_rows(row_args: Sequence[str]) -> tuple[list[Row], list[str]]:
     rows = []
     for (label, task), by_protocol in groups.items():
         if len(by_protocol) > 1:
-            counts = ", ".join(f"{p[:8] if p else 'unrecorded'}: {len(r.trials)}"
-                               for p, r in by_protocol.items())  # fmt: skip
+            counts = ", ".join(f"{_tag(p)}: {len(r.trials)}" for p, r in by_protocol.items())
             notes.append(
                 f"row {label!r} ({task}): its trials ran {len(by_protocol)} different protocols"
                 f" (config hash: trials {counts}); not pooled, one row each"
             )
             for protocol, row in by_protocol.items():
                 row.base_label = label
-                row.label = f"{label} [{protocol[:8] if protocol else 'unrecorded'}]"
+                row.label = f"{label} [{_tag(protocol)}]"
         rows.extend(by_protocol.values())
     return rows, notes
+
+
+def _tag(protocol: str | None) -> str:
+    """A protocol's short name in labels and notes."""
+    return protocol[:8] if protocol else "unrecorded"
 
 
 def _baseline(
@@ -153,7 +157,7 @@ def _baseline(
     if not candidates:
         return None
     chosen = max(candidates, key=lambda r: len(r.trials))
-    if len(candidates) > 1:
+    if len({r.label for r in candidates}) > 1:  # split by protocol (not: one label, other tasks)
         notes.append(f"baseline {chosen.base_label!r} ran several protocols: compared with"
                      f" {chosen.label!r} ({len(chosen.trials)} trials)")  # fmt: skip
     return chosen.label
@@ -220,7 +224,8 @@ def render_markdown(tables, baselines: tuple[str | None, ...], notes: Sequence[s
             ]
             lines.append(f"| {row.label} | {n} | " + " | ".join(values) + " |")
         for i, (name, baseline) in enumerate(zip(BASELINE_NAMES, baselines, strict=True)):
-            if baseline is None or not any(row.label == baseline for row, _ in body):
+            labels = {row.label for row, _ in body}
+            if baseline not in labels or labels == {baseline}:  # no baseline, or nothing beside it
                 continue
             lines += ["", f"Difference vs the {name} row ({baseline}), 95 % Welch interval:", ""]
             lines += ["| row | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]

@@ -54,8 +54,8 @@ def print_summary(summary: dict, *, cfg) -> None:
 def main(argv: list[str] | None = None) -> None:
     with exit_on_user_error("moco-pretrain"):
         args = get_parser().parse_args(argv)
-        cfg = setup_cfg(args.config_file, args.opts, pretraining=True)
-        summary = run_pretraining(cfg, resume=args.resume or None)
+        cfg = setup_cfg(args.config_file, args.opts)
+        summary = run_pretraining(cfg, resume=args.resume or None)  # validates it for pretraining
         if is_main_process():
             print_summary(summary, cfg=cfg)
 
