@@ -2,7 +2,7 @@
 
 Written by ``moco-lincls``, ``moco-knn``, the supervised baseline and ``moco-transfer`` (one file
 per trial); read by ``moco-report`` and the studies. A record is a JSON object with at least
-``task`` (``lincls``, ``knn``, ``supervised``, ``detection``) and ``metrics`` (name -> number),
+``task`` (``lincls``, ``knn``, ``supervised``, ``detection``, ``sem_seg``) and ``metrics`` (name -> number),
 then the resolved ``config`` and, for pretrained weights, ``checkpoint``, ``checkpoint_sha256`` and
 ``layout``; tasks add their own entries (``epoch``, ``k``, ``init``, ``trial``, ...).
 """

@@ -21,15 +21,20 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
 YAMLS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 STUDIES = [n for n in YAMLS if n.startswith("deepforest_")]  # tools/deepforest_study.py
 SCENES = [n for n in YAMLS if n.startswith("fashion_scenes_")]  # moco-benchmark
+FROZENBN = "lvis_v0.5_R_50_FPN_2x_frozenbn.yaml"  # a fifth LVIS row (tests/test_transfer_tasks.py)
 ROWS = [
     n
     for n in YAMLS
     if not n.startswith(("Base-", "instant_test", "deepforest_", "fashion_scenes_"))
+    and n != FROZENBN
 ]
 TORCHVISION_MEAN = [123.675, 116.280, 103.530]
 BENCHMARKS = {"pascal_voc_R_50_C4_24k"} | {
     f"coco_R_50_{m}_{s}" for m in ("C4", "FPN") for s in ("1x", "2x")
 }
+BENCHMARKS |= {  # the paper's Table 6
+    "cityscapes_R_50_FPN", "coco_keypoint_R_50_FPN_2x", "lvis_v0.5_R_50_FPN_2x", "lvis_v1_R_50_FPN_2x"
+}  # fmt: skip
 SUFFIX = {"supervised": "", "supervised-tv": "_tvsup", "moco": "_moco", "random": "_random"}
 
 
@@ -42,7 +47,8 @@ def _load(name: str):
 
 
 def test_there_are_four_inits_per_benchmark():
-    assert len(YAMLS) == 24 + len(STUDIES) + len(SCENES)
+    # 4 rows per benchmark, 2 bases, 5 instant tests, the frozen-BN LVIS row
+    assert len(YAMLS) == 4 * len(BENCHMARKS) + 2 + 5 + 1 + len(STUDIES) + len(SCENES)
     assert set(ROWS) == {f"{b}{s}.yaml" for b in BENCHMARKS for s in SUFFIX.values()}
 
 
@@ -50,14 +56,15 @@ def test_there_are_four_inits_per_benchmark():
 def test_every_yaml_loads_with_the_plugin(name):
     cfg = _load(name)
     assert cfg.MOCO.INIT in INITS
-    assert cfg.MODEL.RESNETS.NORM == "SyncBN" and cfg.MODEL.BACKBONE.FREEZE_AT == 0
+    assert cfg.MODEL.RESNETS.NORM == ("FrozenBN" if name == FROZENBN else "SyncBN")
+    assert cfg.MODEL.BACKBONE.FREEZE_AT == 0
     assert cfg.TEST.PRECISE_BN.ENABLED
     if "C4" in name:
         assert cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeadsExtraNorm"
         assert "Res5ROIHeadsExtraNorm" in ROI_HEADS_REGISTRY
     if "FPN" in name:
-        assert cfg.MODEL.FPN.NORM == "SyncBN"
-    if name.startswith("coco_"):
+        assert cfg.MODEL.FPN.NORM == ("" if name == FROZENBN else "SyncBN")
+    if name.startswith("coco_R_"):
         assert cfg.MODEL.MASK_ON and cfg.DATASETS.TEST == ("coco_2017_val",)
         assert cfg.SOLVER.MAX_ITER == (90000 if "_1x" in name else 180000)
     if name.startswith("pascal_voc"):
@@ -148,8 +155,25 @@ def test_dataset_registration_is_idempotent_and_checks_paths(tmp_path):
 def test_scene_rows_differ_only_in_the_initialisation_and_match_the_pretraining_input():
     from moco_pretrain.config import setup_cfg
 
-    assert SCENES == [f"fashion_scenes_R_18_FPN_{s}.yaml" for s in ("moco", "random", "sup")]
-    moco, random, sup = (_load(n) for n in SCENES)
+    rows = [f"fashion_scenes_R_18_FPN_{s}.yaml" for s in ("moco", "random", "sup")]
+    keypoint_rows = [
+        f"fashion_scenes_R_18_FPN_keypoint_{s}.yaml" for s in ("moco", "random", "sup")
+    ]
+    assert SCENES == sorted(rows + keypoint_rows)
+    moco, random, sup = (_load(n) for n in rows)
+    # the keypoint variant: the same recipe with a keypoint head instead of the mask head
+    keypoint = [_load(n) for n in keypoint_rows]
+    for detection, cfg in zip((moco, random, sup), keypoint, strict=True):
+        assert (cfg.MODEL.KEYPOINT_ON, cfg.MODEL.MASK_ON) == (True, False)
+        assert cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS == len(cfg.TEST.KEYPOINT_OKS_SIGMAS) == 4
+        assert cfg.DATASETS.TEST == ("fashion_scenes_keypoints_test",)
+        for key in ("KEYPOINT_ON", "MASK_ON", "ROI_KEYPOINT_HEAD"):
+            cfg.MODEL[key] = detection.MODEL[key]
+        cfg.DATASETS, cfg.TEST.KEYPOINT_OKS_SIGMAS = (
+            detection.DATASETS,
+            detection.TEST.KEYPOINT_OKS_SIGMAS,
+        )
+        assert cfg == detection
     assert (moco.MOCO.INIT, random.MOCO.INIT, sup.MOCO.INIT) == ("moco", "random", "supervised")
     assert [c.MOCO.CHECK_BACKBONE_WEIGHTS for c in (moco, random, sup)] == [True, False, True]
     for cfg in (random, sup):

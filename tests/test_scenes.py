@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from moco_pretrain.data import FASHION_MNIST_DIR
+from transfer import scenes as scenes_module
 from transfer.scenes import build_fashion_scenes, rle_encode, scene_datasets
 
 REAL = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
@@ -37,6 +39,43 @@ def test_rle_encode_matches_hand_runs_and_decodes_back():
     for _ in range(20):
         mask = rng.random((7, 5)) < 0.4
         assert np.array_equal(rle_decode(rle_encode(mask)), mask)
+        assert np.array_equal(scenes_module.rle_decode(rle_encode(mask)), mask)  # the package's
+
+
+def test_extreme_points_take_the_middle_of_a_flat_edge():
+    mask = np.zeros((6, 8), bool)
+    mask[1, 2:6] = True  # flat top edge, columns 2-5
+    mask[2:5, 1:7] = True
+    mask[5, 4] = True  # single bottom pixel
+    # top: middle of columns 2..5 -> 3; left/right edges span rows 2..4 -> middle row 3
+    assert scenes_module._extreme_points(mask) == [3, 1, 2, 4, 5, 2, 1, 3, 2, 6, 3, 2]
+
+
+def test_semantic_labels_and_keypoints_follow_the_instances(scenes, tmp_path):
+    import shutil
+
+    root = tmp_path / "scenes"
+    shutil.copytree(scenes, root)  # the fixture's files stay as built
+    scenes_module.write_semantic_labels(root)
+    scenes_module.write_keypoint_annotations(root)
+    for split in ("train", "val", "test"):
+        coco = json.loads((root / f"{split}.json").read_text())
+        painted = {im["id"]: np.zeros((128, 128), np.int64) for im in coco["images"]}
+        for ann in coco["annotations"]:
+            painted[ann["image_id"]] += ann["category_id"] * rle_decode(ann["segmentation"])
+        for im in coco["images"]:
+            label = Image.open(root / f"{split}_sem_seg" / im["file_name"])
+            assert label.mode == "L" and np.array_equal(np.array(label), painted[im["id"]])
+        keypoints = json.loads((root / f"{split}_keypoints.json").read_text())
+        assert [c["keypoints"] for c in keypoints["categories"]] == [
+            ["top", "bottom", "left", "right"]
+        ] * 10
+        for ann, original in zip(keypoints["annotations"], coco["annotations"], strict=True):
+            x0, y0, w, h = original["bbox"]
+            top, bottom, left, right = np.reshape(ann["keypoints"], (4, 3)).tolist()
+            assert (top[1], bottom[1], left[0], right[0]) == (y0, y0 + h - 1, x0, x0 + w - 1)
+            mask = rle_decode(original["segmentation"])
+            assert all(mask[y, x] and v == 2 for x, y, v in (top, bottom, left, right))
 
 
 def test_same_seed_same_bytes_other_seed_other_scenes(tiny_fashion_mnist, scenes, tmp_path):

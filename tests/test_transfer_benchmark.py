@@ -38,10 +38,11 @@ def read_report(path: Path) -> dict[tuple[str, str], dict[str, str]]:
 
 def test_the_long_schedule_scales_iterations_and_lr_steps_of_the_config_and_overrides():
     pytest.importorskip("detectron2")
-    assert benchmark.scaled_schedule("moco", 3, []) == [
+    moco, random = (benchmark.RECIPES["detection"].format(init=i) for i in ("moco", "random"))
+    assert benchmark.scaled_schedule(moco, 3, []) == [
         "SOLVER.MAX_ITER", "600", "SOLVER.STEPS", "(450, 555)",  # the short schedule: 200, (150, 185)
     ]  # fmt: skip
-    assert benchmark.scaled_schedule("random", 3, ["SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "(3,)"]) == [
+    assert benchmark.scaled_schedule(random, 3, ["SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "(3,)"]) == [
         "SOLVER.MAX_ITER", "12", "SOLVER.STEPS", "(9,)",
     ]  # fmt: skip
 
@@ -88,6 +89,59 @@ def test_every_step_runs_reports_and_a_rerun_trains_nothing(tiny_fashion_mnist, 
     unchanged = {p for p in finished if rerun[p] == finished[p]}
     assert unchanged == {p for p in finished if p.name != "benchmark.json"}  # nothing retrained
     assert (work / "report" / "long-val" / "report.md").read_text() == report
+
+
+@pytest.mark.slow
+def test_the_segmentation_and_keypoint_variants_run_on_the_same_backbones(
+    tiny_fashion_mnist, tmp_path
+):
+    pytest.importorskip("detectron2")
+    work = tmp_path / "work"
+    for task in ("sem_seg", "keypoints"):
+        benchmark.main(argv(tiny_fashion_mnist, work, "--task", task, *TINY_FINE_TUNE))
+    seconds = json.loads((work / "benchmark.json").read_text())["seconds"]
+    assert {"fine_tune/sem_seg/short/moco", "fine_tune/keypoints/short/random"} <= seconds.keys()
+    assert not (work / "det").exists()  # the detection rows were not run
+    for task, metric, test_set in (("sem_seg", "sem_seg/mIoU", "fashion_scenes_sem_seg_test"),
+                                   ("keypoints", "bbox/AP", "fashion_scenes_keypoints_test")):  # fmt: skip
+        for init in benchmark.ROWS:
+            result = json.loads((work / task / "short" / init / "trial_0/results.json").read_text())
+            assert result["config"]["DATASETS"]["TEST"] == [test_set]
+            assert result["task"] == ("sem_seg" if task == "sem_seg" else "detection")
+        report = read_report(work / "report" / task / "short" / "report.csv")
+        assert report[(benchmark.ROWS["moco"], metric)]["n"] == "1"
+
+
+def test_scene_options_register_each_variant_and_build_its_labels(tiny_fashion_mnist, tmp_path):
+    from transfer.scenes import build_fashion_scenes, scene_options
+
+    scenes = tmp_path / "scenes"
+    build_fashion_scenes(scenes, root=tiny_fashion_mnist, num_labelled=20, num_val=10, num_test=10)
+    options = scene_options("sem_seg", scenes, "val")
+    assert options[::2] == [
+        "MOCO.DATASETS.SEM_SEG", "MOCO.DATASETS.SEM_SEG_CLASSES", "DATASETS.TEST"
+    ]  # fmt: skip
+    assert options[1] == str([
+        (f"fashion_scenes_sem_seg_{s}", str(scenes / s), str(scenes / f"{s}_sem_seg"), "")
+        for s in ("train", "val", "test")
+    ])  # fmt: skip
+    assert options[3].startswith("['background', 'T-shirt/top'") and options[5] == (
+        "('fashion_scenes_sem_seg_val',)"
+    )
+    assert len(list((scenes / "val_sem_seg").glob("*.png"))) == len(
+        list((scenes / "val").glob("*.png"))
+    )
+    options = scene_options("keypoints", scenes, "test")
+    assert options[4:] == [
+        "MOCO.DATASETS.KEYPOINT_FLIP_MAP", "[['left', 'right']]",
+        "DATASETS.TEST", "('fashion_scenes_keypoints_test',)",
+    ]  # fmt: skip
+    assert options[:4] == [
+        "MOCO.DATASETS.COCO",
+        str([(f"fashion_scenes_keypoints_{s}", str(scenes / f"{s}_keypoints.json"), str(scenes / s))
+             for s in ("train", "val", "test")]),  # fmt: skip
+        "MOCO.DATASETS.KEYPOINT_NAMES", "['top', 'bottom', 'left', 'right']",
+    ]  # fmt: skip
 
 
 def test_without_detectron2_pretrains_probes_and_says_how_to_install(

@@ -19,6 +19,11 @@ back when its output exists, so an interrupted run resumes where it stopped:
    validation scenes instead, for choosing settings without looking at the test scenes);
 6. ``moco-report`` per schedule: table, CSV and chart.
 
+``--task sem_seg`` fine-tunes the paper's FCN on the scenes' per-pixel labels instead
+(``segmentation/fashion_scenes_R_18_FCN_*.yaml``, mIoU), ``--task keypoints`` Keypoint R-CNN on
+each garment's extreme points (``detection/fashion_scenes_R_18_FPN_keypoint_*.yaml``, keypoint
+AP); runs and reports go to ``<task>/<schedule>/`` and ``report/<task>/<schedule>/``.
+
 Without detectron2 it runs step 2, prints the feature-level comparison and how to install
 detectron2. ``KEY VALUE`` pairs after the options go to every fine-tune.
 """
@@ -45,14 +50,20 @@ from moco_pretrain.weights import load_backbone_state_dict
 
 from . import report
 from .convert import convert_to_detectron2, write_detectron2_pkl
-from .scenes import SUMMARY_FILE, build_fashion_scenes, scene_datasets
+from .scenes import SUMMARY_FILE, build_fashion_scenes, scene_options
 
 PRETRAIN_RECIPE = "pretrain/fashion_mnist_demo.yaml"
 SUPERVISED_RECIPE = "supervised/fashion_mnist.yaml"
 # The recipe's 3 epochs cut to the MoCo demo's 2: the same passes over the 60k images for both
 # pretrained rows, and the quick start within its 25-minute budget on 2 cores.
 SUPERVISED_EPOCHS = ["SOLVER.EPOCHS", "2"]
-DETECTION_RECIPE = "detection/fashion_scenes_R_18_FPN_{init}.yaml"
+# Per task: the fine-tuning recipe and the folder name of its runs and reports.
+RECIPES = {
+    "detection": "detection/fashion_scenes_R_18_FPN_{init}.yaml",  # box and mask AP
+    "sem_seg": "segmentation/fashion_scenes_R_18_FCN_{init}.yaml",  # mIoU
+    "keypoints": "detection/fashion_scenes_R_18_FPN_keypoint_{init}.yaml",  # keypoint AP
+}
+TASK_DIRS = {"detection": "det", "sem_seg": "sem_seg", "keypoints": "keypoints"}
 ARCH = "resnet18"
 ROWS = {"sup": "supervised", "moco": "MoCo v2", "random": "random init"}  # config suffix: label
 SCHEDULES = {"short": 1, "long": 3}  # factor on the config's SOLVER.MAX_ITER and SOLVER.STEPS
@@ -116,28 +127,28 @@ def check_scenes(scenes: Path, counts: dict[str, int]) -> None:
         )
 
 
-def scaled_schedule(init: str, factor: int, opts: list[str]) -> list[str]:
+def scaled_schedule(recipe: str, factor: int, opts: list[str]) -> list[str]:
     """``SOLVER.MAX_ITER`` / ``SOLVER.STEPS`` overrides: the config's (after ``opts``) x factor."""
     from . import train_net
 
-    config_file = str(resolve_config_file(DETECTION_RECIPE.format(init=init)))
+    config_file = str(resolve_config_file(recipe))
     cfg = train_net.build_cfg(argparse.Namespace(config_file=config_file, opts=opts))
     steps = tuple(s * factor for s in cfg.SOLVER.STEPS)
     return ["SOLVER.MAX_ITER", str(cfg.SOLVER.MAX_ITER * factor), "SOLVER.STEPS", str(steps)]
 
 
 def fine_tune(
-    out: Path, init: str, *, scenes: Path, weights: Path | None, trials: int, split: str,
-    factor: int, opts: list[str],
+    out: Path, init: str, *, task: str, scenes: Path, weights: Path | None, trials: int,
+    split: str, factor: int, opts: list[str],
 ) -> None:  # fmt: skip
     from . import train_net
 
+    recipe = RECIPES[task].format(init=init)
     argv = [
-        "--config-file", DETECTION_RECIPE.format(init=init), "--num-trials", str(trials),
-        "MOCO.DATASETS.COCO", str(scene_datasets(scenes)),
-        "DATASETS.TEST", f"('fashion_scenes_{split}',)", "OUTPUT_DIR", str(out),
+        "--config-file", recipe, "--num-trials", str(trials),
+        *scene_options(task, scenes, split), "OUTPUT_DIR", str(out),
         *(["MODEL.WEIGHTS", str(weights)] if weights else []),
-        *opts, *scaled_schedule(init, factor, opts),
+        *opts, *scaled_schedule(recipe, factor, opts),
     ]  # fmt: skip
     train_net.main(argv)
 
@@ -159,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--val-garments", type=int, default=300, help="garments, val scenes")
     parser.add_argument("--test-garments", type=int, default=1500, help="garments, test scenes")
+    parser.add_argument(
+        "--task", choices=list(RECIPES), default="detection",
+        help="detection: Mask R-CNN, box and mask AP; sem_seg: the FCN, mIoU; keypoints: "
+        "Keypoint R-CNN on the garments' extreme points, keypoint AP",
+    )  # fmt: skip
     parser.add_argument("--trials", type=int, default=1, help="fine-tunes per initialisation")
     parser.add_argument(
         "--schedules", nargs="+", choices=list(SCHEDULES), default=["short"],
@@ -208,17 +224,21 @@ def run(args: argparse.Namespace) -> None:
     weights = {"sup": convert(supervised, work / "weights" / "supervised.pkl"), "moco": moco}
     for schedule in args.schedules:
         run_name = schedule + ("-val" if args.eval_split == "val" else "") + args.name
+        task_dir = TASK_DIRS[args.task]
+        step = run_name if args.task == "detection" else f"{task_dir}/{run_name}"
         rows = []
         for init, label in ROWS.items():
-            out = work / "det" / run_name / init
+            out = work / task_dir / run_name / init
             timer.run(
-                f"fine_tune/{run_name}/{init}", fine_tune, out, init, scenes=scenes,
+                f"fine_tune/{step}/{init}", fine_tune, out, init, task=args.task, scenes=scenes,
                 weights=weights.get(init), trials=args.trials, split=args.eval_split,
                 factor=SCHEDULES[schedule], opts=args.opts,
             )  # fmt: skip
             rows.append(f"{label}={out}")
-        print(f"\n# Fashion-MNIST scenes, {schedule} schedule, {args.eval_split} scenes\n")
-        report.main([*rows, "--output", str(work / "report" / run_name),
+        print(
+            f"\n# Fashion-MNIST scenes, {args.task}, {schedule} schedule, {args.eval_split} scenes\n"
+        )
+        report.main([*rows, "--output", str(work / "report" / step),
                      "--supervised", ROWS["sup"], "--random", ROWS["random"]])  # fmt: skip
 
 

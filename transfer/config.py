@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode as CN
 
-from . import roi_heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
+from . import (
+    roi_heads,  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
+    semantic_seg,  # registers FCNHead
+)
 
 __all__ = ["INITS", "VOC_CLASSES", "add_moco_config"]
 
@@ -17,12 +20,15 @@ VOC_CLASSES = (
     "tvmonitor",
 )  # fmt: skip
 
+semantic_seg.register_builtin_voc(["background", *VOC_CLASSES])
+
 
 def add_moco_config(cfg: CN) -> None:
     """Add the ``MOCO`` node to ``cfg`` (in place; a second call changes nothing).
 
     Importing this module registers ``Res5ROIHeadsExtraNorm`` in detectron2's
-    ``ROI_HEADS_REGISTRY`` (select it with ``MODEL.ROI_HEADS.NAME``).
+    ``ROI_HEADS_REGISTRY`` (select it with ``MODEL.ROI_HEADS.NAME``), ``FCNHead`` in
+    ``SEM_SEG_HEADS_REGISTRY`` and the datasets ``voc_2012_{train_aug,val}_sem_seg``.
     """
     if "MOCO" in cfg:
         return
@@ -49,3 +55,24 @@ def add_moco_config(cfg: CN) -> None:
     cfg.MOCO.DATASETS.VOC_YEAR = 2007
     # COCO-format datasets to register: a list of (name, json_file, image_root).
     cfg.MOCO.DATASETS.COCO = []
+    # Keypoint names of the COCO-format datasets above, in the order of their annotations'
+    # "keypoints", and the pairs that swap under a horizontal flip (empty: no keypoints).
+    cfg.MOCO.DATASETS.KEYPOINT_NAMES = []
+    cfg.MOCO.DATASETS.KEYPOINT_FLIP_MAP = []
+    # Semantic-segmentation datasets to register: a list of (name, image_root, label_root,
+    # list_file). label_root holds one PNG of class indices per image (IGNORE_VALUE: not scored),
+    # named like the image; list_file names the image ids of the split, one per line ("": every
+    # PNG in label_root). voc_2012_train_aug_sem_seg / voc_2012_val_sem_seg need no entry
+    # (transfer.semantic_seg registers them under $DETECTRON2_DATASETS/VOC2012).
+    cfg.MOCO.DATASETS.SEM_SEG = []
+    # Class names of the semantic-segmentation datasets above, index 0 first.
+    cfg.MOCO.DATASETS.SEM_SEG_CLASSES = ["background", *VOC_CLASSES]
+
+    # The FCN head of the paper's semantic segmentation (transfer.semantic_seg.FCNHead, Appendix):
+    # MODEL.SEM_SEG_HEAD.NUM_CONVS 3x3 convs of CONVS_DIM channels with this dilation, NORM and
+    # ReLU, then a 1x1 classifier, upsampled by COMMON_STRIDE.
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CONVS = 2
+    cfg.MODEL.SEM_SEG_HEAD.DILATION = 6
+    # Training-time random scaling of each image by a ratio in [min, max] (empty: off), before
+    # INPUT.CROP and the flip; used by SemanticSegmentor configs (transfer.semantic_seg).
+    cfg.INPUT.RANDOM_SCALE = ()

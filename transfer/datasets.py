@@ -1,4 +1,4 @@
-"""Register the VOC- and COCO-format datasets named in ``cfg.MOCO.DATASETS`` with detectron2.
+"""Register the VOC-, COCO- and label-PNG datasets of ``cfg.MOCO.DATASETS`` with detectron2.
 
 detectron2's builtin names (``voc_2007_trainval``, ``coco_2017_train``, ...) are registered when
 detectron2 is imported and read their files under ``$DETECTRON2_DATASETS``; nothing is done here
@@ -13,6 +13,8 @@ from pathlib import Path
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances, register_pascal_voc
+
+from .semantic_seg import register_sem_seg
 
 __all__ = ["register_datasets"]
 
@@ -38,7 +40,8 @@ def _check_exists(name: str, *paths: Path) -> None:
 
 
 def register_datasets(cfg: CfgNode) -> list[str]:
-    """Register every ``MOCO.DATASETS.VOC`` / ``.COCO`` entry; returns the names. Idempotent."""
+    """Register every ``MOCO.DATASETS.VOC`` / ``.COCO`` / ``.SEM_SEG`` entry; returns the names.
+    Idempotent."""
     names = []
     classes = list(cfg.MOCO.DATASETS.VOC_CLASSES)
     year = cfg.MOCO.DATASETS.VOC_YEAR
@@ -49,9 +52,28 @@ def register_datasets(cfg: CfgNode) -> list[str]:
             register_pascal_voc(name, str(root), split, year, class_names=classes)
             MetadataCatalog.get(name).evaluator_type = "pascal_voc"
         names.append(name)
+    keypoints = {}
+    if cfg.MOCO.DATASETS.KEYPOINT_NAMES:  # read by the keypoint head's flip and the evaluator
+        keypoints = {
+            "keypoint_names": list(cfg.MOCO.DATASETS.KEYPOINT_NAMES),
+            "keypoint_flip_map": [tuple(pair) for pair in cfg.MOCO.DATASETS.KEYPOINT_FLIP_MAP],
+        }
     for name, json_file, image_root in cfg.MOCO.DATASETS.COCO:
         _check_exists(name, Path(json_file), Path(image_root))
-        if not _already_registered(name, json_file=str(json_file), image_root=str(image_root)):
-            register_coco_instances(name, {}, str(json_file), str(image_root))  # evaluator "coco"
+        if not _already_registered(
+            name, json_file=str(json_file), image_root=str(image_root), **keypoints
+        ):
+            register_coco_instances(name, keypoints, str(json_file), str(image_root))  # "coco"
+        names.append(name)
+    classes = list(cfg.MOCO.DATASETS.SEM_SEG_CLASSES)
+    ignore = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
+    for name, image_root, label_root, list_file in cfg.MOCO.DATASETS.SEM_SEG:
+        paths = [Path(image_root), Path(label_root)] + ([Path(list_file)] if list_file else [])
+        _check_exists(name, *paths)
+        if not _already_registered(
+            name, image_root=str(image_root), label_root=str(label_root),
+            list_file=str(list_file), stuff_classes=classes, ignore_label=ignore,
+        ):  # fmt: skip
+            register_sem_seg(name, image_root, label_root, list_file, classes, ignore_label=ignore)
         names.append(name)
     return names

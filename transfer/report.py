@@ -55,9 +55,11 @@ __all__ = ["Row", "collect_rows", "render_csv", "render_markdown", "main"]
 
 # the paper's column order (VOC: AP50, AP, AP75; COCO: AP^bb..., AP^mk...); then kNN/linear top-k
 DEFAULT_METRICS = (
-    "bbox/AP50", "bbox/AP", "bbox/AP75", "segm/AP50", "segm/AP", "segm/AP75", "top1", "top5",
+    "bbox/AP50", "bbox/AP", "bbox/AP75", "segm/AP50", "segm/AP", "segm/AP75",
+    "keypoints/AP50", "keypoints/AP", "keypoints/AP75", "sem_seg/mIoU", "sem_seg/fwIoU",
+    "sem_seg/pACC", "top1", "top5",
 )  # fmt: skip
-TASKS = ("detection", "lincls", "knn", "supervised")
+TASKS = ("detection", "sem_seg", "lincls", "knn", "supervised")
 BASELINE_NAMES = ("supervised", "random")
 
 

@@ -30,9 +30,27 @@ from PIL import Image
 from moco_pretrain.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FashionMNIST
 from moco_pretrain.files import atomic_write, atomic_write_json
 
-__all__ = ["SceneSpec", "build_fashion_scenes", "rle_encode", "scene_datasets"]
+__all__ = [
+    "KEYPOINT_FLIP_MAP",
+    "KEYPOINT_NAMES",
+    "SPLITS",
+    "SceneSpec",
+    "build_fashion_scenes",
+    "rle_decode",
+    "rle_encode",
+    "scene_datasets",
+    "scene_keypoint_datasets",
+    "scene_options",
+    "scene_sem_seg_datasets",
+    "write_keypoint_annotations",
+    "write_semantic_labels",
+]
 
 SUMMARY_FILE = "summary.json"
+SPLITS = ("train", "val", "test")
+# The keypoint variant: the extreme points of each garment's visible silhouette.
+KEYPOINT_NAMES = ("top", "bottom", "left", "right")
+KEYPOINT_FLIP_MAP = (("left", "right"),)
 
 
 @dataclass(frozen=True)
@@ -72,6 +90,14 @@ def rle_encode(mask: np.ndarray) -> dict[str, Any]:
     if flat.size and flat[0]:
         counts = [0, *counts]
     return {"counts": counts, "size": list(mask.shape)}
+
+
+def rle_decode(rle: dict[str, Any]) -> np.ndarray:
+    """The binary ``[H, W]`` mask of an uncompressed RLE (the inverse of :func:`rle_encode`)."""
+    height, width = rle["size"]
+    values = np.arange(len(rle["counts"])) % 2  # runs alternate 0, 1, 0, ...
+    flat = np.repeat(values.astype(bool), rle["counts"])
+    return flat.reshape((height, width), order="F")
 
 
 def _balanced_indices(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
@@ -263,6 +289,105 @@ def build_fashion_scenes(
 def scene_datasets(root: str | Path, prefix: str = "fashion_scenes") -> list[tuple[str, str, str]]:
     """``MOCO.DATASETS.COCO`` entries ``(name, json_file, image_root)`` for the three splits."""
     root = Path(root)
+    return [(f"{prefix}_{s}", str(root / f"{s}.json"), str(root / s)) for s in SPLITS]
+
+
+def write_semantic_labels(root: str | Path) -> None:
+    """The semantic-segmentation variant: for each split, ``<split>_sem_seg/<scene>.png`` with
+    0 for background and ``1 + class`` on every visible garment pixel (visible silhouettes do not
+    overlap). Deterministic; derived from ``<split>.json``, written atomically."""
+    root = Path(root)
+    for split in SPLITS:
+        coco = json.loads((root / f"{split}.json").read_text())
+        labels = {
+            im["id"]: np.zeros((im["height"], im["width"]), dtype=np.uint8) for im in coco["images"]
+        }
+        for ann in coco["annotations"]:
+            labels[ann["image_id"]][rle_decode(ann["segmentation"])] = ann["category_id"]
+        out = root / f"{split}_sem_seg"
+        out.mkdir(exist_ok=True)
+        for im in coco["images"]:
+            label = Image.fromarray(labels[im["id"]])  # uint8: mode L
+            atomic_write(out / im["file_name"], lambda f, m=label: m.save(f, "PNG"))
+
+
+def _extreme_points(mask: np.ndarray) -> list[int]:
+    """COCO keypoints ``[x, y, 2] * 4`` (pixel indices) of the silhouette's topmost, bottommost,
+    leftmost and rightmost pixel; along a flat extreme edge, the middle one of that edge."""
+    rows, cols = np.nonzero(mask)
+    points = []
+    for coords, other, pick in ((rows, cols, np.min), (rows, cols, np.max),
+                                (cols, rows, np.min), (cols, rows, np.max)):  # fmt: skip
+        edge = pick(coords)
+        middle = int(np.sort(other[coords == edge])[(np.sum(coords == edge) - 1) // 2])
+        x, y = (middle, int(edge)) if coords is rows else (int(edge), middle)
+        points += [x, y, 2]
+    return points
+
+
+def write_keypoint_annotations(root: str | Path) -> None:
+    """The keypoint variant: ``<split>_keypoints.json``, each split's COCO file with the
+    :data:`KEYPOINT_NAMES` of every garment (its visible silhouette's extreme points)."""
+    root = Path(root)
+    for split in SPLITS:
+        coco = json.loads((root / f"{split}.json").read_text())
+        for ann in coco["annotations"]:
+            ann["keypoints"] = _extreme_points(rle_decode(ann["segmentation"]))
+            ann["num_keypoints"] = len(KEYPOINT_NAMES)
+        for category in coco["categories"]:
+            category["keypoints"], category["skeleton"] = list(KEYPOINT_NAMES), []
+        data = json.dumps(coco).encode()
+        atomic_write(root / f"{split}_keypoints.json", lambda f, d=data: f.write(d))
+
+
+def scene_sem_seg_datasets(
+    root: str | Path, prefix: str = "fashion_scenes_sem_seg"
+) -> list[tuple[str, str, str, str]]:
+    """``MOCO.DATASETS.SEM_SEG`` entries ``(name, image_root, label_root, "")`` per split."""
+    root = Path(root)
+    return [(f"{prefix}_{s}", str(root / s), str(root / f"{s}_sem_seg"), "") for s in SPLITS]
+
+
+def scene_keypoint_datasets(
+    root: str | Path, prefix: str = "fashion_scenes_keypoints"
+) -> list[tuple[str, str, str]]:
+    """``MOCO.DATASETS.COCO`` entries ``(name, json_file, image_root)`` of the keypoint files."""
+    root = Path(root)
+    return [(f"{prefix}_{s}", str(root / f"{s}_keypoints.json"), str(root / s)) for s in SPLITS]
+
+
+def _semantic_labels_complete(root: Path) -> bool:
+    """Every split has one label PNG per scene (an interrupted write leaves fewer)."""
+    for split in SPLITS:
+        scenes = json.loads((root / f"{split}.json").read_text())["images"]
+        if len(list((root / f"{split}_sem_seg").glob("*.png"))) != len(scenes):
+            return False
+    return True
+
+
+def scene_options(task: str, scenes: str | Path, split: str) -> list[str]:
+    """``moco-transfer`` overrides that register ``task``'s scenes (``detection``, ``sem_seg``,
+    ``keypoints``; their labels derived here when missing or incomplete) and test on ``split``."""
+    scenes = Path(scenes)
+    if task == "sem_seg":
+        if not _semantic_labels_complete(scenes):
+            write_semantic_labels(scenes)
+        classes = ["background", *FASHION_MNIST_CLASSES]
+        return [
+            "MOCO.DATASETS.SEM_SEG", str(scene_sem_seg_datasets(scenes)),
+            "MOCO.DATASETS.SEM_SEG_CLASSES", str(classes),
+            "DATASETS.TEST", f"('fashion_scenes_sem_seg_{split}',)",
+        ]  # fmt: skip
+    if task == "keypoints":
+        if not all((scenes / f"{s}_keypoints.json").is_file() for s in SPLITS):
+            write_keypoint_annotations(scenes)
+        return [
+            "MOCO.DATASETS.COCO", str(scene_keypoint_datasets(scenes)),
+            "MOCO.DATASETS.KEYPOINT_NAMES", str(list(KEYPOINT_NAMES)),
+            "MOCO.DATASETS.KEYPOINT_FLIP_MAP", str([list(p) for p in KEYPOINT_FLIP_MAP]),
+            "DATASETS.TEST", f"('fashion_scenes_keypoints_{split}',)",
+        ]  # fmt: skip
     return [
-        (f"{prefix}_{s}", str(root / f"{s}.json"), str(root / s)) for s in ("train", "val", "test")
-    ]
+        "MOCO.DATASETS.COCO", str(scene_datasets(scenes)),
+        "DATASETS.TEST", f"('fashion_scenes_{split}',)",
+    ]  # fmt: skip

@@ -1,12 +1,13 @@
-"""``moco-transfer``: fine-tune and evaluate a detectron2 detector from a (MoCo) backbone.
+"""``moco-transfer``: fine-tune and evaluate a detectron2 model (a detector, Keypoint R-CNN or the
+FCN of :mod:`transfer.semantic_seg`) from a (MoCo) backbone.
 
     moco-transfer --config-file detection/pascal_voc_R_50_C4_24k_moco.yaml --num-gpus 8 \\
         --num-trials 5 MODEL.WEIGHTS moco_v2_200ep.pkl OUTPUT_DIR out/voc_moco
 
 detectron2's ``tools/train_net.py`` with the plugin: ``--config-file`` is a path or a name under
-the packaged ``configs/`` (``detection/...``); ``MOCO.DATASETS`` registers VOC/COCO-format data;
-the evaluator follows the test dataset's ``evaluator_type``; before training, the backbone
-weights are verified (:mod:`transfer.preflight`). Trial ``k`` runs in ``OUTPUT_DIR/trial_k`` with
+the packaged ``configs/`` (``detection/...``, ``segmentation/...``); ``MOCO.DATASETS`` registers
+VOC-, COCO-format and label-PNG data; the evaluator follows the test dataset's
+``evaluator_type``; before training, the backbone weights are verified (:mod:`transfer.preflight`). Trial ``k`` runs in ``OUTPUT_DIR/trial_k`` with
 ``SEED = max(SEED, 0) + k`` and ends by writing ``results.json`` there; a trial that has one is
 skipped, so an interrupted series is completed by rerunning the same command, and ``--trial k``
 runs one trial (e.g. as its own cluster job). At world size 1 (one GPU or ``MODEL.DEVICE cpu``)
@@ -34,7 +35,7 @@ import torch
 import yaml
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
 from detectron2.engine import (
     DefaultTrainer,
     TrainerBase,
@@ -43,7 +44,14 @@ from detectron2.engine import (
     hooks,
     launch,
 )
-from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator, verify_results
+from detectron2.evaluation import (
+    CityscapesInstanceEvaluator,
+    COCOEvaluator,
+    LVISEvaluator,
+    PascalVOCDetectionEvaluator,
+    SemSegEvaluator,
+    verify_results,
+)
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from fvcore.nn.precise_bn import get_bn_modules
@@ -57,6 +65,7 @@ from moco_pretrain.results import RESULTS_FILE, write_results
 from .config import INITS, add_moco_config
 from .datasets import register_datasets
 from .preflight import load_verified
+from .semantic_seg import train_augmentations
 
 
 def average_bn_statistics(bn_layers: list[nn.Module]) -> None:
@@ -136,13 +145,30 @@ class Trainer(DefaultTrainer):
         return built
 
     @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        """detectron2's loader; for semantic segmentation with the paper's augmentation
+        (:func:`transfer.semantic_seg.train_augmentations`) instead of the detection resize."""
+        if cfg.MODEL.META_ARCHITECTURE != "SemanticSegmentor":
+            return super().build_train_loader(cfg)
+        mapper = DatasetMapper(cfg, is_train=True, augmentations=train_augmentations(cfg))
+        return build_detection_train_loader(cfg, mapper=mapper)
+
+    @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
-        if evaluator_type == "coco":  # box AP, and mask AP when the model predicts masks
-            output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-            return COCOEvaluator(dataset_name, output_dir=output_folder)
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        if evaluator_type == "coco":  # box AP, and mask / keypoint AP when the model predicts them
+            return COCOEvaluator(
+                dataset_name, output_dir=output_folder, kpt_oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS
+            )
         if evaluator_type == "pascal_voc":  # AP, AP50, AP75 (VOC_YEAR 2007: 11-point)
             return PascalVOCDetectionEvaluator(dataset_name)
+        if evaluator_type in ("sem_seg", "cityscapes_sem_seg"):  # mIoU, fwIoU, mACC, pACC
+            return SemSegEvaluator(dataset_name, output_dir=output_folder)
+        if evaluator_type == "lvis":  # needs the lvis package (pip install lvis)
+            return LVISEvaluator(dataset_name, output_dir=output_folder)
+        if evaluator_type == "cityscapes_instance":  # needs cityscapesscripts
+            return CityscapesInstanceEvaluator(dataset_name)
         raise ValueError(f"dataset {dataset_name!r} has evaluator_type {evaluator_type!r}")
 
 
@@ -244,10 +270,11 @@ def write_trial_results(
     """
     weights = cfg.MODEL.WEIGHTS  # "" for random init, or a URL (detectron2://...): no hash
     sha256 = file_sha256(weights) if os.path.isfile(weights) else None
+    semantic = cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor"
     return write_results(
         cfg.OUTPUT_DIR,
-        task="detection",
-        metrics=_flatten(results),  # e.g. "bbox/AP50", "segm/AP"
+        task="sem_seg" if semantic else "detection",
+        metrics=_flatten(results),  # e.g. "bbox/AP50", "segm/AP", "keypoints/AP", "sem_seg/mIoU"
         config=yaml.safe_load(cfg.dump()),
         weights={"checkpoint": weights, "checkpoint_sha256": sha256},
         config_file=config_file,
