@@ -427,3 +427,50 @@ def test_keypoint_instant_test_trains_and_evaluates_keypoints(tmp_path, backbone
     model = results["config"]["MODEL"]
     assert (model["KEYPOINT_ON"], model["ROI_KEYPOINT_HEAD"]["NUM_KEYPOINTS"]) == (True, 4)
     assert results["config"]["MOCO"]["DATASETS"]["KEYPOINT_NAMES"] == list(KEYPOINTS)
+
+
+def test_the_keypoint_evaluator_scores_the_ground_truth_100(tmp_path):
+    from detectron2.data import DatasetCatalog
+    from detectron2.structures import Boxes, Instances
+
+    from transfer.datasets import register_datasets
+
+    json_file, images = write_keypoint_coco(tmp_path, "oracle", 3, seed=4)
+    cfg = _load("instant_test_coco_keypoint_R_50_FPN.yaml")
+    cfg.MOCO.DATASETS.COCO = [("moco_keypoint_oracle", str(json_file), str(images))]
+    cfg.MOCO.DATASETS.KEYPOINT_NAMES, cfg.MOCO.DATASETS.KEYPOINT_FLIP_MAP = KEYPOINTS, FLIP_MAP
+    cfg.OUTPUT_DIR = str(tmp_path / "out")
+    register_datasets(cfg)
+    DatasetCatalog.get("moco_keypoint_oracle")  # loading sets the category-id mapping, as a run
+    data = json.loads(json_file.read_text())
+    evaluator = Trainer.build_evaluator(cfg, "moco_keypoint_oracle")
+    evaluator.reset()
+    for image in data["images"]:
+        anns = [a for a in data["annotations"] if a["image_id"] == image["id"]]
+        predicted = Instances((image["height"], image["width"]))
+        predicted.pred_boxes = Boxes(
+            torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)])
+        )
+        predicted.scores = torch.ones(len(anns))
+        predicted.pred_classes = torch.zeros(len(anns), dtype=torch.int64)
+        points = torch.tensor([a["keypoints"] for a in anns], dtype=torch.float32).view(-1, 4, 3)
+        points[..., :2] += 0.5  # detectron2's continuous coordinates; the evaluator subtracts 0.5
+        predicted.pred_keypoints = points
+        evaluator.process([{"image_id": image["id"]}], [{"instances": predicted}])
+    results = evaluator.evaluate()
+    assert (results["bbox"]["AP"], results["keypoints"]["AP"]) == (100.0, 100.0)
+
+
+def test_the_protocol_hash_ignores_where_data_lies_but_not_its_keypoint_labels():
+    from transfer.train_net import protocol_of
+
+    def sha(**datasets) -> str:
+        cfg = _load("instant_test_coco_keypoint_R_50_FPN.yaml")
+        cfg.MOCO.DATASETS.KEYPOINT_NAMES, cfg.MOCO.DATASETS.KEYPOINT_FLIP_MAP = KEYPOINTS, FLIP_MAP
+        for key, value in datasets.items():
+            cfg.MOCO.DATASETS[key] = value
+        return protocol_of(cfg, cfg, weights_sha256="0" * 64)["config_sha256"]
+
+    moved = [("moco_tiny_keypoints_train", "/elsewhere/train.json", "/elsewhere/images")]
+    assert sha() == sha(COCO=moved) == sha(SEM_SEG=[("x", "/images", "/labels", "")])
+    assert sha() != sha(KEYPOINT_FLIP_MAP=[("top_left", "top_right")])

@@ -224,7 +224,8 @@ def _flatten(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
 NOT_PROTOCOL = {
     "SEED": None, "OUTPUT_DIR": None, "VIS_PERIOD": None, "CUDNN_BENCHMARK": None,
     "DATALOADER": ("NUM_WORKERS",), "TEST": ("EVAL_PERIOD",), "SOLVER": ("CHECKPOINT_PERIOD",),
-    "MOCO": ("DATASETS",),
+    # where the data lies, not its labels (class names, keypoint names and flip pairs stay)
+    "MOCO": ("DATASETS.VOC", "DATASETS.COCO", "DATASETS.SEM_SEG"),
 }  # fmt: skip
 
 
@@ -239,7 +240,11 @@ def protocol_of(
     hashed = yaml.safe_load(effective.dump())
     for key, subkeys in NOT_PROTOCOL.items():
         for subkey in subkeys or ():
-            hashed.get(key, {}).pop(subkey, None)
+            *parents, last = subkey.split(".")
+            node = hashed.get(key, {})
+            for parent in parents:
+                node = node.get(parent, {})
+            node.pop(last, None)
         if subkeys is None:
             hashed.pop(key, None)
     hashed["MODEL"]["WEIGHTS"] = weights_sha256 or effective.MODEL.WEIGHTS
