@@ -70,3 +70,27 @@ def tiny_fashion_mnist(tmp_path_factory) -> Path:
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return root
+
+
+def write_converted_resnet50(root: Path, *, drop: str = "") -> Path:
+    """A randomly initialised (seed 0) torchvision ResNet-50 saved as ``root/r50.pth`` and
+    converted like a user's into ``root/r50.pkl`` (returned); ``drop`` leaves that tensor out."""
+    import torchvision
+
+    from moco_pretrain.weights import load_backbone_state_dict
+    from transfer.convert import convert_to_detectron2, write_detectron2_pkl
+
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet50().state_dict(), root / "r50.pth")
+    converted = convert_to_detectron2(load_backbone_state_dict(root / "r50.pth"))
+    if drop:
+        del converted["model"][drop]
+    write_detectron2_pkl(converted, root / "r50.pkl")
+    return root / "r50.pkl"
+
+
+@pytest.fixture(scope="session")
+def backbone_pkl(tmp_path_factory) -> Path:
+    """:func:`write_converted_resnet50`, once per session (the detectron2 tests' weights)."""
+    return write_converted_resnet50(tmp_path_factory.mktemp("weights"))

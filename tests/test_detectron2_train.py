@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
 
 pytest.importorskip("detectron2")
@@ -98,17 +97,6 @@ def write_coco(root: Path, split: str, n: int, seed: int) -> tuple[Path, Path]:
         json.dumps({"images": images, "annotations": annotations, "categories": categories})
     )
     return json_file, images_dir
-
-
-@pytest.fixture(scope="module")
-def backbone_pkl(tmp_path_factory) -> Path:
-    """A randomly initialised torchvision ResNet-50, saved and converted like a user's."""
-    root = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet50().state_dict(), root / "r50.pth")
-    converted = convert_to_detectron2(load_backbone_state_dict(root / "r50.pth"))
-    write_detectron2_pkl(converted, root / "r50.pkl")
-    return root / "r50.pkl"
 
 
 def _results(output: Path, trial: int = 0) -> dict:

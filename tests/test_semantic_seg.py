@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
 
 pytest.importorskip("detectron2")
@@ -20,10 +19,9 @@ from detectron2.data import transforms as T  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from moco_pretrain.weights import load_backbone_state_dict  # noqa: E402
+from tests.conftest import write_converted_resnet50  # noqa: E402
 from tests.test_transfer_tasks import differing_keys  # noqa: E402
 from transfer import add_moco_config  # noqa: E402
-from transfer.convert import convert_to_detectron2, write_detectron2_pkl  # noqa: E402
 from transfer.preflight import BackboneWeightsError, load_verified  # noqa: E402
 from transfer.semantic_seg import (  # noqa: E402
     FCNHead,
@@ -189,51 +187,41 @@ def test_load_sem_seg_reads_a_list_file_and_refuses_palette_labels(tmp_path):
         load_sem_seg(str(images), str(labels), str(listed))
 
 
-def _r50_pkl(root: Path, drop: str = "") -> Path:
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet50().state_dict(), root / "r50.pth")
-    converted = convert_to_detectron2(load_backbone_state_dict(root / "r50.pth"))
-    if drop:
-        del converted["model"][drop]
-    write_detectron2_pkl(converted, root / "r50.pkl")
-    return root / "r50.pkl"
-
-
-def test_a_converted_resnet50_fills_every_backbone_tensor_of_the_fcn(tmp_path):
-    weights = _r50_pkl(tmp_path)
+def test_a_converted_resnet50_fills_every_backbone_tensor_of_the_fcn(tmp_path, backbone_pkl):
     cfg = _load("voc_R_50_FCN_30k_moco.yaml")
     cfg.MODEL.DEVICE = "cpu"
     model = Trainer.build_model(cfg)
-    load_verified(model, lambda: DetectionCheckpointer(model).load(str(weights)), weights="w")
+    load_verified(model, lambda: DetectionCheckpointer(model).load(str(backbone_pkl)), weights="w")
     # res5 keeps the pretrained weights while its 3x3 convs are dilated at stride 1
     res5 = model.backbone.res5[0]
     assert (res5.conv2.dilation, res5.conv2.stride, res5.conv1.stride) == ((2, 2), (1, 1), (1, 1))
-    missing = _r50_pkl(tmp_path, drop="res5.2.conv3.weight")
+    missing = write_converted_resnet50(tmp_path, drop="res5.2.conv3.weight")
     with pytest.raises(BackboneWeightsError, match=r"left 1 of \d+ backbone tensors unset"):
         load_verified(model, lambda: DetectionCheckpointer(model).load(str(missing)), weights="w")
 
 
 @pytest.fixture(scope="module")
-def tiny_sem_seg(tmp_path_factory) -> tuple[list, Path]:
-    """MOCO.DATASETS.SEM_SEG entries of a tiny train/test pair, and converted R50 weights."""
+def tiny_sem_seg(tmp_path_factory) -> list:
+    """MOCO.DATASETS.SEM_SEG entries of a tiny train/test pair."""
     root = tmp_path_factory.mktemp("sem_seg")
     train_images, train_labels = _write_sem_seg(root / "train", 4, seed=1)
     test_images, test_labels = _write_sem_seg(root / "test", 2, seed=2)
     datasets = [("moco_tiny_sem_seg_train", str(train_images), str(train_labels), ""),
                 ("moco_tiny_sem_seg_test", str(test_images), str(test_labels), "")]  # fmt: skip
-    return datasets, _r50_pkl(root)
+    return datasets
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("benchmark", ["voc", "cityscapes"])
-def test_instant_test_trains_two_iterations_and_scores_miou(tmp_path, benchmark, tiny_sem_seg):
-    datasets, weights = tiny_sem_seg
+def test_instant_test_trains_two_iterations_and_scores_miou(
+    tmp_path, benchmark, tiny_sem_seg, backbone_pkl
+):
     output = tmp_path / "out"
     main([
         "--config-file", f"segmentation/instant_test_{benchmark}_R_50_FCN.yaml",
-        "MOCO.DATASETS.SEM_SEG", str(datasets),
+        "MOCO.DATASETS.SEM_SEG", str(tiny_sem_seg),
         "MOCO.DATASETS.SEM_SEG_CLASSES", "['background', 'square', 'bar']",
-        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "3", "MODEL.WEIGHTS", str(weights),
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "3", "MODEL.WEIGHTS", str(backbone_pkl),
         "OUTPUT_DIR", str(output),
     ])  # fmt: skip
     result = json.loads((output / "trial_0" / "results.json").read_text())

@@ -17,18 +17,15 @@ import yaml
 pytest.importorskip("detectron2")
 
 import torch  # noqa: E402
-import torchvision  # noqa: E402
 from detectron2.config import CfgNode, get_cfg  # noqa: E402
 from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from fvcore.nn.precise_bn import get_bn_modules  # noqa: E402
 from torch import nn  # noqa: E402
 
 from moco_pretrain.config import config_root  # noqa: E402
-from moco_pretrain.weights import load_backbone_state_dict  # noqa: E402
 from tests.test_detectron2_train import write_coco  # noqa: E402
 from transfer import add_moco_config  # noqa: E402
 from transfer.comparison import find_expected, load_expected  # noqa: E402
-from transfer.convert import convert_to_detectron2, write_detectron2_pkl  # noqa: E402
 from transfer.train_net import Trainer, main  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
@@ -337,19 +334,6 @@ def write_keypoint_coco(root: Path, split: str, n: int, seed: int) -> tuple[Path
     data["categories"] = [{"id": 1, "name": "shape", "keypoints": list(KEYPOINTS), "skeleton": []}]
     json_file.write_text(json.dumps(data))
     return json_file, images_dir
-
-
-@pytest.fixture(scope="module")
-def backbone_pkl(tmp_path_factory) -> Path:
-    """A randomly initialised torchvision ResNet-50, converted as a user's (as in
-    tests/test_detectron2_train.py)."""
-    root = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet50().state_dict(), root / "r50.pth")
-    write_detectron2_pkl(
-        convert_to_detectron2(load_backbone_state_dict(root / "r50.pth")), root / "r50.pkl"
-    )
-    return root / "r50.pkl"
 
 
 def _run(tmp_path: Path, config: str, prefix: str, writer, weights: Path, *opts: str) -> dict:

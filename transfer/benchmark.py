@@ -138,15 +138,16 @@ def scaled_schedule(recipe: str, factor: int, opts: list[str]) -> list[str]:
 
 
 def fine_tune(
-    out: Path, init: str, *, task: str, scenes: Path, weights: Path | None, trials: int,
-    split: str, factor: int, opts: list[str],
+    out: Path, init: str, *, task: str, scenes: list[str], weights: Path | None, trials: int,
+    factor: int, opts: list[str],
 ) -> None:  # fmt: skip
+    """``task``'s row ``init``: ``trials`` fine-tunes into ``out``; ``scenes`` are the overrides
+    that register the scenes (:func:`transfer.scenes.scene_options`)."""
     from . import train_net
 
     recipe = RECIPES[task].format(init=init)
     argv = [
-        "--config-file", recipe, "--num-trials", str(trials),
-        *scene_options(task, scenes, split), "OUTPUT_DIR", str(out),
+        "--config-file", recipe, "--num-trials", str(trials), *scenes, "OUTPUT_DIR", str(out),
         *(["MODEL.WEIGHTS", str(weights)] if weights else []),
         *opts, *scaled_schedule(recipe, factor, opts),
     ]  # fmt: skip
@@ -222,6 +223,7 @@ def run(args: argparse.Namespace) -> None:
     moco = convert(checkpoint, work / "weights" / "moco.pkl")  # before anything else trains
     supervised = train_supervised(work, [*data, *shlex.split(args.supervised_opts)], timer)
     weights = {"sup": convert(supervised, work / "weights" / "supervised.pkl"), "moco": moco}
+    scene_opts = scene_options(args.task, scenes, args.eval_split)  # labels derived once
     for schedule in args.schedules:
         run_name = schedule + ("-val" if args.eval_split == "val" else "") + args.name
         task_dir = TASK_DIRS[args.task]
@@ -230,8 +232,8 @@ def run(args: argparse.Namespace) -> None:
         for init, label in ROWS.items():
             out = work / task_dir / run_name / init
             timer.run(
-                f"fine_tune/{step}/{init}", fine_tune, out, init, task=args.task, scenes=scenes,
-                weights=weights.get(init), trials=args.trials, split=args.eval_split,
+                f"fine_tune/{step}/{init}", fine_tune, out, init, task=args.task,
+                scenes=scene_opts, weights=weights.get(init), trials=args.trials,
                 factor=SCHEDULES[schedule], opts=args.opts,
             )  # fmt: skip
             rows.append(f"{label}={out}")
