@@ -48,9 +48,13 @@ _C.DATA.BLUR = True  # v2 only: Gaussian blur (sigma 0.1-2, p=0.5); off for tiny
 # that the CPU cores cannot feed.
 _C.DATA.DEVICE_AUG = False
 _C.DATA.DEVICE_AUG_PRE_SIZE = 0
+# DEVICE_AUG on grey images (e.g. Fashion-MNIST): decode one channel and skip saturation, hue and
+# grayscale, identities on grey pixels; the views still have 3 channels. Colour images would
+# lose their colour: only for data sets that are grey.
+_C.DATA.DEVICE_AUG_GREY = False
 _C.DATA.MEAN = [0.485, 0.456, 0.406]
 _C.DATA.STD = [0.229, 0.224, 0.225]
-_C.DATA.NUM_WORKERS = 8  # per process
+_C.DATA.NUM_WORKERS = 8  # per process; results do not depend on it (per-sample seeded augmentation)
 _C.DATA.MAX_SAMPLES = 0  # >0: use only the first N training samples (quick trials)
 _C.DATA.DOWNLOAD = False  # fashion_mnist only: let torchvision download it when not installed
 
@@ -135,6 +139,8 @@ CHOICES = {
 }
 # Keys that count something and need at least one of it.
 POSITIVE = ("SOLVER.BATCH_SIZE", "MODEL.K", "MODEL.BN_SPLITS")
+# Keys that count something and may be 0.
+NON_NEGATIVE = ("DATA.NUM_WORKERS",)
 
 
 def validate(cfg: CN, *, world_size: int | None = None, pretraining: bool = False) -> None:
@@ -148,6 +154,10 @@ def validate(cfg: CN, *, world_size: int | None = None, pretraining: bool = Fals
         value = _value(cfg, key)
         if value < 1:
             problems.append(f"{key} is {value}, expected at least 1")
+    for key in NON_NEGATIVE:
+        value = _value(cfg, key)
+        if value < 0:
+            problems.append(f"{key} is {value}, expected 0 or more")
     for key, choices in CHOICES.items():
         value = _value(cfg, key)
         if value not in choices:
@@ -179,6 +189,43 @@ def _batch_problems(cfg: CN, world_size: int, *, pretraining: bool) -> list[str]
     elif pretraining and batch % splits:
         problems.append(f"SOLVER.BATCH_SIZE {batch} is not divisible by MODEL.BN_SPLITS {splits}")
     return problems
+
+
+# Keys that a rerun in the same OUTPUT_DIR may change without making another run: where the data
+# is, how fast it loads, what is logged and kept, the post-training comparison, and the number of
+# epochs (extending a run; with "cos" the later epochs follow the new schedule). Any other key,
+# SEED included, names another run, which auto-resume refuses to continue.
+RESUMABLE_CHANGES = (
+    "OUTPUT_DIR", "DATA.ROOT", "DATA.DOWNLOAD", "DATA.NUM_WORKERS", "SOLVER.EPOCHS",
+    "TRAIN.AUTO_RESUME", "TRAIN.CHECKPOINT_PERIOD", "TRAIN.KEEP_LAST", "TRAIN.LOG_PERIOD",
+    "KNN.FINAL",
+)  # fmt: skip
+
+
+def run_differences(saved: str, current: str) -> list[str]:
+    """The keys of two resolved configs (YAML dumps) that make them different runs, each as
+    ``KEY saved-value vs current-value``; keys that only one of them has are not compared (a
+    checkpoint of an older release, or of another task's recipe)."""
+    before, after = (
+        flatten_config(yaml.safe_load(saved) or {}),
+        flatten_config(yaml.safe_load(current) or {}),
+    )
+    return [
+        f"{key} {before[key]!r} vs {after[key]!r}"
+        for key in sorted(before.keys() & after.keys())
+        if key not in RESUMABLE_CHANGES and before[key] != after[key]
+    ]
+
+
+def flatten_config(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config mapping as ``{"SOLVER.BASE_LR": 0.03, ...}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _value(cfg: CN, key: str):

@@ -7,16 +7,19 @@ SimCLR-style colour jitter with p=0.8 and Gaussian blur with p=0.5.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import multiprocessing
 import random
+import struct
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, DistributedSampler, Sampler, Subset
 from torchvision import datasets, transforms
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
@@ -162,12 +165,21 @@ def _read_idx(path: Path) -> np.ndarray:
 class FashionMNIST(Dataset):
     """Fashion-MNIST from its IDX files (``train``: 60k, ``test``: 10k, 28x28 grey, 10 classes).
 
-    Images are returned as RGB PIL images (grey replicated), so the normal pipeline applies.
+    Images are returned as RGB PIL images (grey replicated), so the normal pipeline applies; with
+    ``arrays``, as the stored 28x28 uint8 arrays (for transforms that take them, such as
+    :class:`moco_pretrain.gpu_augment.DecodeResize` with ``grey``: no PIL round trip).
     """
 
     classes = FASHION_MNIST_CLASSES
 
-    def __init__(self, root: str | Path, *, split: str, transform: Callable | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        split: str,
+        transform: Callable | None = None,
+        arrays: bool = False,
+    ) -> None:
         prefix = {"train": "train", "test": "t10k", "val": "t10k"}.get(split)
         if prefix is None:
             raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
@@ -178,13 +190,15 @@ class FashionMNIST(Dataset):
         self.targets = torch.from_numpy(_read_idx(labels).astype(np.int64))  # N
         if len(self.images) != len(self.targets):
             raise ValueError(f"{images} and {labels} hold different numbers of samples")
-        self.transform = transform
+        self.transform, self.arrays = transform, arrays
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int):
-        image = Image.fromarray(self.images[index], mode="L").convert("RGB")
+        image = self.images[index]  # 28x28 uint8
+        if not self.arrays:
+            image = Image.fromarray(image, mode="L").convert("RGB")
         target = int(self.targets[index])
         return (self.transform(image) if self.transform else image), target
 
@@ -213,14 +227,22 @@ def fashion_mnist_root(root: str, *, download: bool = False) -> Path:
 
 
 def build_dataset(
-    name: str, root: str, *, split: str, transform: Callable | None, download: bool = False
+    name: str,
+    root: str,
+    *,
+    split: str,
+    transform: Callable | None,
+    download: bool = False,
+    grey_arrays: bool = False,
 ) -> Dataset:
     """The ``split`` of dataset ``name`` (``DATA.NAME``) under ``root`` (``DATA.ROOT``); a missing
-    or empty folder fails here, early."""
+    or empty folder fails here, early. ``grey_arrays``: a data set held in memory as grey arrays
+    (Fashion-MNIST) passes them to ``transform`` as they are; the others pass PIL images."""
     if name == "fashion_mnist":
         return FashionMNIST(
-            fashion_mnist_root(root, download=download), split=split, transform=transform
-        )
+            fashion_mnist_root(root, download=download), split=split, transform=transform,
+            arrays=grey_arrays,
+        )  # fmt: skip
     if name == "imagefolder":
         if not root:
             raise ValueError("DATA.ROOT is empty: give the folder holding the image splits")
@@ -235,55 +257,128 @@ def limit_samples(dataset: Dataset, max_samples: int) -> Dataset:
     return Subset(dataset, range(max_samples))
 
 
+def _innermost(dataset: Dataset) -> Dataset:
+    """The dataset under any :class:`Subset` and :class:`SeededSamples` wrappers."""
+    while isinstance(dataset, (Subset, SeededSamples)):
+        dataset = dataset.dataset
+    return dataset
+
+
 def num_skipped_images(dataset: Dataset) -> int:
     """Unreadable images skipped so far (0 for datasets that cannot have any)."""
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return getattr(dataset, "num_skipped", 0)
+    return getattr(_innermost(dataset), "num_skipped", 0)
 
 
 def num_classes_of(dataset: Dataset) -> int:
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return len(dataset.classes)
+    return len(_innermost(dataset).classes)
+
+
+# ------------------------------------------------------------------ seeded samples
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 64-bit seed for sample ``index`` in ``epoch`` of a run seeded ``seed`` (BLAKE2b of the
+    three numbers: unrelated streams for neighbouring samples, epochs and seeds)."""
+    digest = hashlib.blake2b(struct.pack("<qqq", seed, epoch, index), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+@contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Python's ``random`` and torch's CPU generator seeded with ``seed`` inside the block (the
+    RNGs that torchvision's transforms and :class:`GaussianBlur` draw from), restored after it, so
+    the caller's own streams do not move. NumPy's global RNG is not touched."""
+    python_state, torch_state = random.getstate(), torch.get_rng_state()
+    random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        torch.set_rng_state(torch_state)
+
+
+class SeededSamples(Dataset):
+    """``dataset[index]`` drawn under :func:`seeded_rng` of ``(seed, epoch, index)``.
+
+    Indexed by ``(epoch, index)`` pairs (:class:`EpochIndexSampler`), so that the epoch reaches
+    persistent loader workers. Every random augmentation of a sample is then a function of those
+    three numbers alone: the same with any number of workers, processes or batch size, and a run
+    resumed at an epoch boundary draws what the uninterrupted run drew.
+    """
+
+    def __init__(self, dataset: Dataset, *, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        seed = sample_seed(self.seed, epoch, index)
+        if torch.utils.data.get_worker_info() is not None:  # a worker: nothing else draws here
+            random.seed(seed)
+            torch.default_generator.manual_seed(seed)
+            return self.dataset[index]
+        with seeded_rng(seed):  # the training process: its own streams must not move
+            return self.dataset[index]
+
+
+class EpochIndexSampler(Sampler):
+    """A :class:`DistributedSampler`'s indices as ``(epoch, index)`` pairs, for
+    :class:`SeededSamples`; ``set_epoch`` reaches both."""
+
+    def __init__(self, sampler: DistributedSampler) -> None:
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 def build_train_loader(
     dataset: Dataset, *, batch_size: int, seed: int, num_workers: int, drop_last: bool
 ) -> torch.utils.data.DataLoader:
-    """Shuffled batches for one process.
+    """Shuffled, augmented batches for one process, a function of ``seed`` and the epoch alone.
 
     A seeded DistributedSampler, also in one process, makes every epoch's order a function of
-    (seed, epoch), so a resumed run sees the same batches as an uninterrupted one.
+    (seed, epoch); :class:`SeededSamples` makes every sample's augmentation a function of
+    (seed, epoch, index); and the loader draws its own worker seeds from a generator of its own,
+    so that iterating it never moves the training process's RNG (which the model's Shuffle-BN
+    permutations use). A resumed run therefore sees the uninterrupted run's batches bit for bit,
+    with any ``num_workers``.
     """
     from .distributed import get_rank, get_world_size
 
-    sampler = torch.utils.data.DistributedSampler(
+    sampler = DistributedSampler(
         dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True, seed=seed,
         drop_last=drop_last,
     )  # fmt: skip
     return torch.utils.data.DataLoader(
-        dataset,
+        SeededSamples(dataset, seed=seed),
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=EpochIndexSampler(sampler),
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
 def build_eval_loader(
     dataset: Dataset, *, batch_size: int, num_workers: int
 ) -> torch.utils.data.DataLoader:
-    """Deterministic batches of ``dataset`` (sharded across ranks if distributed)."""
+    """Deterministic batches of ``dataset`` (sharded across ranks if distributed); iterating it
+    leaves the process's RNG alone (a monitor between epochs does not change the training)."""
     from .distributed import get_world_size
 
-    sampler = (
-        torch.utils.data.DistributedSampler(dataset, shuffle=False)
-        if get_world_size() > 1
-        else None
-    )
+    sampler = DistributedSampler(dataset, shuffle=False) if get_world_size() > 1 else None
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -291,4 +386,5 @@ def build_eval_loader(
         shuffle=False,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator(),
     )

@@ -33,6 +33,7 @@ from .checkpoint import (
     with_ddp_prefix,
     without_ddp_prefix,
 )
+from .config import run_differences
 from .distributed import (
     all_reduce_mean,
     get_world_size,
@@ -260,10 +261,33 @@ class Runner:
 
     def resume_or_start(self, path: str | Path | None = None, *, auto: bool = True) -> None:
         """Resume from ``path``, else (with ``auto``) from the newest checkpoint of the output
-        directory, else start at epoch 0."""
-        path = path or (auto and self.checkpointer.last_checkpoint())
-        if path:
-            self.resume(path)
+        directory, else start at epoch 0; then write the run's ``config.yaml``.
+
+        Raises:
+            ValueError: auto-resume found a checkpoint of another run (another ``SEED`` or
+                recipe, :func:`moco_pretrain.config.run_differences`), naming both values; nothing
+                is loaded or written. An explicit ``path`` may start from any checkpoint.
+        """
+        found = None if path else auto and self.checkpointer.last_checkpoint()
+        if found:
+            self._check_same_run(found)
+        if path or found:
+            self.resume(path or found)
+        if is_main_process() and self.checkpoint_meta.get("config"):
+            config_file = self.checkpointer.output_dir / "config.yaml"
+            config_file.parent.mkdir(parents=True, exist_ok=True)
+            config_file.write_text(self.checkpoint_meta["config"])
+
+    def _check_same_run(self, path: Path) -> None:
+        saved = load_checkpoint(path, lazy=True).get("config")
+        current = self.checkpoint_meta.get("config")
+        differences = run_differences(saved, current) if saved and current else []
+        if differences:
+            raise ValueError(
+                f"auto-resume: {path} belongs to another run ({'; '.join(differences)}:"
+                f" checkpoint vs this command); choose another OUTPUT_DIR, or resume from it on"
+                f" purpose with --resume"
+            )
 
     # ----------------------------------------------------------------- training
     def train(self) -> None:
@@ -411,11 +435,9 @@ def _batch_size(batch: Any) -> int:
 
 
 def start_run(cfg: CfgNode) -> torch.device:
-    """Join the process group (if any), log to ``OUTPUT_DIR``, seed, write the resolved config."""
+    """Join the process group (if any), log to ``OUTPUT_DIR`` and seed. The resolved config is
+    written by :meth:`Runner.resume_or_start`, once it knows the run may continue there."""
     device = init_distributed()
-    output_dir = Path(cfg.OUTPUT_DIR)
-    setup_logging(output_dir)
+    setup_logging(Path(cfg.OUTPUT_DIR))
     seed_all(cfg.SEED)
-    if is_main_process():
-        (output_dir / "config.yaml").write_text(cfg.dump())
     return device

@@ -14,6 +14,18 @@ per-sample parameters drawn from the same distributions as torchvision's:
 * v2: Gaussian blur with sigma ~ U(0.1, 2) and p=0.5 (the official PIL ``GaussianBlur(radius=sigma)``);
 * ``RandomHorizontalFlip(p=0.5)``, then ``Normalize(mean, std)``.
 
+Grey images may come as one channel (Nx1xHxW, :class:`DecodeResize` with ``grey``): saturation,
+hue and grayscale, identities on grey pixels (exactly so in PIL's integer luma, whose weights sum
+to 1), are skipped, the other ops run on one channel (a third of the memory traffic, and no hue),
+and the normalised views come out with 3 channels, as the PIL recipe's. The parameters drawn are
+the same as for 3 channels.
+
+Every view's parameters come from :data:`VIEW_DRAWS` uniform numbers per sample. In training they
+are drawn by the loader (:class:`DecodeResize`, under the per-sample seed of
+:class:`moco_pretrain.data.SeededSamples`) and travel with the batch, so a view is a function of
+``(SEED, epoch, sample index)`` as in the PIL path; without them, a ``generator`` (or torch's
+global RNG) draws them on the device.
+
 Deviations from the PIL pipeline, all small and checked statistically by
 ``tests/test_gpu_augment.py``:
 
@@ -50,6 +62,8 @@ CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop.get_params
 BLUR_SIGMA = (0.1, 2.0)  # official moco/loader.py GaussianBlur
 # Kernel 13 = 2 * 6 + 1: the Gaussian's mass beyond 3 sigma (0.3 %) is dropped.
 BLUR_RADIUS = math.ceil(3 * BLUR_SIGMA[1])
+CROP_DRAWS = 2 * CROP_ATTEMPTS + 2  # (area, log aspect) per attempt, then (top, left)
+VIEW_DRAWS = CROP_DRAWS + 13  # + jitter factors (4), jitter, order (4), gray, blur, sigma, flip
 RECIPES = {
     # name: (jitter strengths (brightness, contrast, saturation, hue), jitter p, grayscale first)
     "v1": ((0.4, 0.4, 0.4, 0.4), 1.0, True),
@@ -89,6 +103,7 @@ def sample_crops(
     scale: Sequence[float],
     ratio: Sequence[float] = CROP_RATIO,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``RandomResizedCrop.get_params`` for a batch, without a host round trip.
 
@@ -97,13 +112,19 @@ def sample_crops(
 
     Args:
         sizes: Nx2 ``(height, width)`` of the original images.
+        uniforms: Nx:data:`CROP_DRAWS` float64 numbers in [0, 1) to use instead of drawing them
+            from ``generator``.
     Returns:
         Nx4 float64 ``(top, left, height, width)``, integer-valued.
     """
     sizes = sizes.to(torch.float64)
     height, width = sizes[:, 0:1], sizes[:, 1:2]  # Nx1 each
     n, device = sizes.shape[0], sizes.device
-    u = torch.rand(n, CROP_ATTEMPTS, 2, generator=generator, device=device, dtype=torch.float64)
+    if uniforms is None:
+        uniforms = torch.rand(
+            n, CROP_DRAWS, generator=generator, device=device, dtype=torch.float64
+        )
+    u = uniforms[:, : 2 * CROP_ATTEMPTS].reshape(n, CROP_ATTEMPTS, 2)  # u: N x attempts x 2
     area = height * width * (scale[0] + (scale[1] - scale[0]) * u[..., 0])  # N x attempts
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])  # N x attempts
@@ -120,7 +141,7 @@ def sample_crops(
     w = torch.where(found, w, fallback_w)
     h = torch.where(found, h, fallback_h)
 
-    u_pos = torch.rand(n, 2, generator=generator, device=device, dtype=torch.float64)
+    u_pos = uniforms[:, 2 * CROP_ATTEMPTS : CROP_DRAWS]  # Nx2
     top = torch.where(
         found, torch.floor(u_pos[:, 0:1] * (height - h + 1)), (height - h).div(2).floor()
     )
@@ -187,7 +208,7 @@ def _blend_step(
     op = params.order[:, step]  # N
     factor = params.factors.gather(1, op.unsqueeze(1)).squeeze(1)  # N
     factor = torch.where(active & params.jitter & (op != HUE), factor, 1.0).view(-1, 1, 1, 1)
-    gray = rgb_to_gray(images)  # Nx1xHxW
+    gray = images if images.shape[1] == 1 else rgb_to_gray(images)  # Nx1xHxW
     mean = gray.mean(dim=(1, 2, 3), keepdim=True)  # Nx1x1x1
     op = op.view(-1, 1, 1, 1)
     other = torch.where(op == CONTRAST, mean, gray)
@@ -215,20 +236,23 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def _batch_of(images: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float images in [0, 1] as one Nx3xHxW batch, and their Nx2 (height, width).
+    """Float images in [0, 1] as one NxCxHxW batch (C: 3, or 1 for grey images), and their Nx2
+    (height, width).
 
     A list of differently sized images is padded at the bottom and right by repeating the edge
     pixels, so that bilinear sampling at an image's border reads its own edge, not the padding.
     """
     if isinstance(images, torch.Tensor):
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected Nx3xHxW images, got shape {tuple(images.shape)}")
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"expected Nx3xHxW or Nx1xHxW images, got shape {tuple(images.shape)}")
         n, _, height, width = images.shape
         sizes = torch.full((n, 2), height, device=images.device)  # no host-to-device copy
         sizes[:, 1] = width
         return _to_unit_float(images), sizes
-    if not images or any(im.dim() != 3 or im.shape[0] != 3 for im in images):
-        raise ValueError("expected a non-empty list of 3xHxW images")
+    if not images or any(im.dim() != 3 or im.shape[0] != images[0].shape[0] for im in images):
+        raise ValueError("expected a non-empty list of CxHxW images with the same C")
+    if images[0].shape[0] not in (1, 3):
+        raise ValueError(f"expected 3 or 1 channels, got {images[0].shape[0]}")
     sizes = torch.tensor([im.shape[-2:] for im in images], device=images[0].device)  # Nx2
     height, width = (int(v) for v in sizes.max(dim=0).values)
     padded = [
@@ -292,12 +316,21 @@ class GpuMocoAugment(nn.Module):
         self.register_buffer("jitter_width", 2.0 * strengths, persistent=False)
 
     def sample_params(
-        self, sizes: torch.Tensor, *, generator: torch.Generator | None = None
+        self,
+        sizes: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        uniforms: torch.Tensor | None = None,
     ) -> AugmentParams:
-        """Draw the parameters of one view for images of original ``sizes`` (Nx2, height/width)."""
+        """The parameters of one view for images of original ``sizes`` (Nx2, height/width), from
+        ``uniforms`` (Nx:data:`VIEW_DRAWS` in [0, 1)) or from fresh draws of ``generator``."""
         n, device = sizes.shape[0], sizes.device
-        crop = sample_crops(sizes, scale=self.scale, generator=generator)
-        u = torch.rand(n, 13, generator=generator, device=device)
+        if uniforms is None:
+            uniforms = torch.rand(
+                n, VIEW_DRAWS, generator=generator, device=device, dtype=torch.float64
+            )
+        crop = sample_crops(sizes, scale=self.scale, uniforms=uniforms[:, :CROP_DRAWS])
+        u = uniforms[:, CROP_DRAWS:].float()  # u: Nx13
         return AugmentParams(
             crop=crop,
             jitter=u[:, 4] < self.jitter_p,
@@ -353,6 +386,7 @@ class GpuMocoAugment(nn.Module):
         *,
         source_sizes: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        uniforms: torch.Tensor | None = None,
         params: AugmentParams | None = None,
     ) -> torch.Tensor:
         """One augmented view per image.
@@ -363,13 +397,16 @@ class GpuMocoAugment(nn.Module):
             source_sizes: Nx2 (height, width) of the original images when ``images`` were
                 pre-resized (the :class:`DecodeResize` loader path); crops are drawn on these.
             generator: a generator on the images' device, for reproducible views.
+            uniforms: Nx:data:`VIEW_DRAWS` numbers in [0, 1) that fix the view (no draws).
             params: explicit parameters instead of fresh draws (tests).
         Returns:
             Nx3x``size``x``size`` float32, normalised.
         """
         with torch.autocast(device_type=self.mean.device.type, enabled=False), torch.no_grad():
             batch, valid = _batch_of(images)  # batch: Nx3xHxW in [0, 1], valid: Nx2
-            return self._view(batch, valid, source_sizes, generator=generator, params=params)
+            return self._view(
+                batch, valid, source_sizes, generator=generator, params=params, uniforms=uniforms
+            )
 
     def two_crops(
         self,
@@ -377,11 +414,22 @@ class GpuMocoAugment(nn.Module):
         *,
         source_sizes: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        uniforms: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """The query and key views (independent draws), as ``TwoCropsTransform`` gives them."""
+        """The query and key views (independent draws), as ``TwoCropsTransform`` gives them;
+        ``uniforms`` (Nx2x:data:`VIEW_DRAWS`, as :class:`DecodeResize` draws them) fix both."""
         with torch.autocast(device_type=self.mean.device.type, enabled=False), torch.no_grad():
             batch, valid = _batch_of(images)  # converted once for both views
-            return [self._view(batch, valid, source_sizes, generator=generator) for _ in range(2)]
+            return [
+                self._view(
+                    batch,
+                    valid,
+                    source_sizes,
+                    generator=generator,
+                    uniforms=None if uniforms is None else uniforms[:, view],
+                )  # fmt: skip
+                for view in range(2)
+            ]
 
     def _view(
         self,
@@ -391,37 +439,62 @@ class GpuMocoAugment(nn.Module):
         *,
         generator: torch.Generator | None,
         params: AugmentParams | None = None,
+        uniforms: torch.Tensor | None = None,
     ) -> torch.Tensor:
         sources = valid if source_sizes is None else source_sizes.to(valid.device)
         if params is None:
-            params = self.sample_params(sources, generator=generator)
-        x = self.resized_crop(batch, params.crop, scale_hw=valid / sources)  # x: Nx3xSxS
-        if self.gray_first:
-            x = self.random_grayscale(x, params)
-        x = self.color_jitter(x, params)
-        if not self.gray_first:
-            x = self.random_grayscale(x, params)
+            params = self.sample_params(sources, generator=generator, uniforms=uniforms)
+        x = self.resized_crop(batch, params.crop, scale_hw=valid / sources)  # x: NxCxSxS
+        if x.shape[1] == 1:  # grey: brightness and contrast in each sample's order
+            for step in range(4):
+                x = _blend_step(x, params, step=step, active=params.jitter)
+        else:
+            if self.gray_first:
+                x = self.random_grayscale(x, params)
+            x = self.color_jitter(x, params)
+            if not self.gray_first:
+                x = self.random_grayscale(x, params)
         if self.blur_p > 0:
             x = gaussian_blur(x, torch.where(params.blur, params.sigma, 0.0))
         x = torch.where(params.flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        return (x - self.mean) / self.std
+        return (x - self.mean) / self.std  # Nx3xSxS, also from one grey channel
 
 
 class DecodeResize:
-    """Worker-side half of the device path: PIL image -> (3xPxP uint8 tensor, original (H, W)).
+    """Worker-side half of the device path: PIL image -> (3xPxP uint8 tensor, original (H, W),
+    2x:data:`VIEW_DRAWS` float64 uniforms for the two views); with ``grey``, a 1xPxP luma tensor
+    (for data sets of grey images, see the module docstring).
 
     Resizing every image to ``pre_size`` x ``pre_size`` lets the default collate stack a batch;
-    :class:`GpuMocoAugment` draws crops on the original size it is given alongside.
+    :class:`GpuMocoAugment` draws crops on the original size it is given alongside. The uniforms
+    come from torch's CPU generator, which :class:`moco_pretrain.data.SeededSamples` seeds per
+    sample, so the views depend on the sample and epoch, not on the worker or the batch.
     """
 
-    def __init__(self, *, pre_size: int) -> None:
-        self.pre_size = pre_size
+    def __init__(self, *, pre_size: int, grey: bool = False) -> None:
+        self.pre_size, self.mode = pre_size, "L" if grey else "RGB"
 
-    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        original = torch.tensor([image.height, image.width])
-        image = image.convert("RGB").resize((self.pre_size, self.pre_size), Image.BILINEAR)
-        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # 3xPxP uint8
-        return pixels.contiguous(), original
+    def __call__(
+        self, image: Image.Image | np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``image``: a PIL image, or (``grey``) an HxW uint8 array, used as is at the pre-size."""
+        if (
+            isinstance(image, np.ndarray)
+            and image.shape == (self.pre_size,) * 2
+            and self.mode == "L"
+        ):
+            original = torch.tensor(image.shape)
+            pixels = torch.from_numpy(image.copy())[None]  # 1xPxP uint8
+        else:
+            image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+            original = torch.tensor([image.height, image.width])
+            image = image.convert(self.mode)
+            if image.size != (self.pre_size, self.pre_size):
+                image = image.resize((self.pre_size, self.pre_size), Image.BILINEAR)
+            pixels = np.asarray(image).reshape(image.height, image.width, -1)
+            pixels = torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # 3xPxP (1xPxP grey) uint8
+        uniforms = torch.rand(2, VIEW_DRAWS, dtype=torch.float64)  # uniforms: 2 x VIEW_DRAWS
+        return pixels.contiguous(), original, uniforms
 
 
 def default_pre_size(image_size: int) -> int:
@@ -434,12 +507,12 @@ def device_augment_step(
     step_fn: Callable[[Any, Any], Any], augment: GpuMocoAugment
 ) -> Callable[[Any, Any], Any]:
     """Wrap a ``step_fn(model, ((im_q, im_k), labels))`` to take :class:`DecodeResize` batches
-    ``((images, sizes), labels)`` already on the device, and augment them there."""
+    ``((images, sizes, uniforms), labels)`` already on the device, and augment them there."""
 
     def step(model: Any, batch: Any) -> Any:
-        (images, sizes), labels = batch
+        (images, sizes, uniforms), labels = batch
         with torch.profiler.record_function("moco/augment"):
-            views = augment.two_crops(images, source_sizes=sizes)
+            views = augment.two_crops(images, source_sizes=sizes, uniforms=uniforms)
         return step_fn(model, (views, labels))
 
     return step

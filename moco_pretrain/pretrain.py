@@ -53,11 +53,15 @@ def build_pretrain_loader(cfg: CfgNode) -> DataLoader:
     """Two augmented views per image, or with ``DATA.DEVICE_AUG`` decoded images to augment later."""
     if cfg.DATA.DEVICE_AUG:
         transform = DecodeResize(
-            pre_size=cfg.DATA.DEVICE_AUG_PRE_SIZE or default_pre_size(cfg.DATA.IMAGE_SIZE)
+            pre_size=cfg.DATA.DEVICE_AUG_PRE_SIZE or default_pre_size(cfg.DATA.IMAGE_SIZE),
+            grey=cfg.DATA.DEVICE_AUG_GREY,
         )
     else:
         transform = TwoCropsTransform(pretrain_transform(**augmentation_options(cfg)))
-    dataset = build_dataset(**dataset_options(cfg), split=cfg.DATA.TRAIN_SPLIT, transform=transform)
+    dataset = build_dataset(
+        **dataset_options(cfg), split=cfg.DATA.TRAIN_SPLIT, transform=transform,
+        grey_arrays=cfg.DATA.DEVICE_AUG and cfg.DATA.DEVICE_AUG_GREY,
+    )  # fmt: skip
     dataset = limit_samples(dataset, cfg.DATA.MAX_SAMPLES)
     batch_size = per_process_batch_size(cfg.SOLVER.BATCH_SIZE)
     if len(dataset) < cfg.SOLVER.BATCH_SIZE:

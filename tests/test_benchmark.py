@@ -89,3 +89,24 @@ def test_baseline_momentum_update_matches_ours_exactly(tool):
 def test_invalid_counts_raise(tool):
     with pytest.raises(ValueError, match=r"need --steps >= 2 \(step ends are timed\)"):
         tool.main(["--steps", "1"])
+
+
+@pytest.mark.slow  # three variants with loader workers
+def test_pipeline_mode_compares_the_recipe_with_its_model_step(tool, tiny_imagefolder, capsys):
+    """end_to_end (the run's own loader and device step), model_only and unseeded, with both
+    ratios from the paired rounds."""
+    argv = ["--device", "cpu", "--threads", "1", "--mode", "pipeline", "--steps", "2"]
+    opts = ["DATA.ROOT", str(tiny_imagefolder), "DATA.NUM_WORKERS", "1", "DATA.DEVICE_AUG", "True"]
+    report = tool.main([*argv, "--warmup", "1", "--rounds", "2", *SMALL, *opts])
+    variants = ("end_to_end", "model_only", "unseeded")
+    assert set(report) == {"command", "machine", "config", "ratios", *variants}
+    assert report["config"]["device_aug"] is True
+    split = {name: report[name]["split_ms"] for name in variants}
+    assert split["end_to_end"]["augment"] > 0 and split["unseeded"]["augment"] > 0
+    assert split["model_only"]["augment"] == 0  # views already made: the model step alone
+    printed = capsys.readouterr().out
+    for pair in ("end_to_end/model_only", "end_to_end/unseeded"):
+        first, second = (report[name]["step_seconds_per_round"] for name in pair.split("/"))
+        expected = sorted(b / a for a, b in zip(first, second, strict=True))
+        assert report["ratios"][pair]["images_per_s"] == pytest.approx(sum(expected) / 2)
+        assert f"{pair}: {report['ratios'][pair]['images_per_s']:.2f}x" in printed

@@ -190,12 +190,56 @@ def test_coco_two_iterations_and_box_and_mask_evaluation(tmp_path, backbone_pkl)
         ap, ap50, ap75 = (metrics[f"{task}/{m}"] for m in ("AP", "AP50", "AP75"))
         assert all(map(math.isnan, (ap, ap50, ap75))) or (ap50 >= ap and ap50 >= ap75)
 
-    # an unfinished trial (no results.json) continues from its last checkpoint with --resume
-    (output / "trial_0" / "results.json").unlink()
-    config = ["--config-file", "detection/instant_test_coco_R_50_FPN.yaml", "--resume"]
-    main([*config, *opts, "SOLVER.MAX_ITER", "3"])
-    assert "Starting training from iteration 2" in (output / "trial_0" / "log.txt").read_text()
-    assert _results(output)["config"]["SOLVER"]["MAX_ITER"] == 3
+
+@pytest.mark.slow  # three 4-iteration Mask R-CNN trials
+def test_killed_trial_restarts_and_ends_as_the_uninterrupted_trial(
+    tmp_path, backbone_pkl, monkeypatch, capsys
+):
+    """A trial killed mid-training leaves no results.json; rerunning the command restarts it from
+    iteration 0 and ends with the uninterrupted trial's weights and AP; --resume is refused."""
+    from transfer import train_net
+
+    train = write_coco(tmp_path / "coco", "train", 4, seed=1)
+    test = write_coco(tmp_path / "coco", "test", 2, seed=2)
+    datasets = f"[('kill_coco_train', '{train[0]}', '{train[1]}'), "
+    datasets += f"('kill_coco_test', '{test[0]}', '{test[1]}')]"
+    argv = ["--config-file", "detection/instant_test_coco_R_50_FPN.yaml"]
+    argv += ["MOCO.DATASETS.COCO", datasets, "MODEL.ROI_HEADS.NUM_CLASSES", "2"]
+    argv += ["DATASETS.TRAIN", "('kill_coco_train',)", "DATASETS.TEST", "('kill_coco_test',)"]
+    argv += ["MODEL.WEIGHTS", str(backbone_pkl), "SOLVER.MAX_ITER", "4"]
+    argv += ["SOLVER.CHECKPOINT_PERIOD", "1"]
+    main([*argv, "OUTPUT_DIR", str(tmp_path / "a")])
+
+    run_step = train_net.Trainer.run_step
+
+    def killed_at_iteration_2(self):
+        if self.iter == 2:
+            raise KeyboardInterrupt("killed")
+        run_step(self)
+
+    monkeypatch.setattr(train_net.Trainer, "run_step", killed_at_iteration_2)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "OUTPUT_DIR", str(tmp_path / "b")])
+    monkeypatch.undo()
+    killed = tmp_path / "b" / "trial_0"
+    assert not (killed / "results.json").exists() and (killed / "last_checkpoint").is_file()
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--resume", *argv, "OUTPUT_DIR", str(tmp_path / "b")])
+    assert exit_info.value.code == 2
+    assert "restarts from iteration 0" in capsys.readouterr().err
+    main([*argv, "OUTPUT_DIR", str(tmp_path / "b")])
+    log = (killed / "log.txt").read_text()
+    assert "an earlier attempt of this trial stopped at model_0000001.pth" in log
+    assert log.count("Starting training from iteration 0") == 2
+    interrupted = (killed / "metrics.interrupted.json").read_text().splitlines()
+    assert interrupted and len((killed / "metrics.json").read_text().splitlines()) > 0
+    assert _results(tmp_path / "b")["metrics"] == _results(tmp_path / "a")["metrics"]
+    final = [
+        torch.load(tmp_path / name / "trial_0" / "model_final.pth", weights_only=False)["model"]
+        for name in ("a", "b")
+    ]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
 
 
 def test_preflight_stops_a_run_whose_weights_miss_the_backbone(

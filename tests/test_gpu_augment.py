@@ -14,12 +14,13 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from moco_pretrain.config import augmentation_options, setup_cfg
-from moco_pretrain.data import RobustImageFolder, pretrain_transform
+from moco_pretrain.data import FashionMNIST, RobustImageFolder, pretrain_transform
 from moco_pretrain.gpu_augment import (
     BRIGHTNESS,
     CONTRAST,
     HUE,
     SATURATION,
+    VIEW_DRAWS,
     AugmentParams,
     DecodeResize,
     GpuMocoAugment,
@@ -229,8 +230,10 @@ def test_generator_makes_views_reproducible():
 def test_invalid_arguments_raise():
     with pytest.raises(ValueError, match="unknown augmentation recipe 'v3'"):
         GpuMocoAugment(size=8, recipe="v3", mean=MEAN, std=STD)
-    with pytest.raises(ValueError, match="Nx3xHxW"):
-        GpuMocoAugment(size=8, mean=MEAN, std=STD)(torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="Nx3xHxW or Nx1xHxW images, got shape \\(2, 2, 8, 8\\)"):
+        GpuMocoAugment(size=8, mean=MEAN, std=STD)(torch.zeros(2, 2, 8, 8))
+    with pytest.raises(ValueError, match="same C"):
+        GpuMocoAugment(size=8, mean=MEAN, std=STD)([torch.zeros(1, 8, 8), torch.zeros(3, 8, 8)])
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -251,6 +254,14 @@ def test_view_statistics_match_the_cpu_recipe(recipe, tiny_imagefolder):
     cpu = torch.stack([cpu_recipe(image) for _ in range(repeats) for image in images])
     batch = torch.stack([_pixels(image) for image in images]).repeat(repeats, 1, 1, 1)
     ours = GpuMocoAugment(size=24, recipe=recipe, mean=MEAN, std=STD)(batch)
+    gray_c, gray_o = _assert_view_statistics_match(ours, cpu)
+    assert gray_c == pytest.approx(0.2, abs=0.05)
+    assert gray_o == pytest.approx(gray_c, abs=0.06)
+
+
+def _assert_view_statistics_match(ours: torch.Tensor, cpu: torch.Tensor) -> tuple[float, float]:
+    """Per-channel mean and std and mean within-image std of two sets of views agree; returns
+    the fraction of grey views (all channels equal) of each."""
 
     def stats(views: torch.Tensor):
         channels_equal = (views - views[:, :1]).abs().amax(dim=(1, 2, 3)) < 1e-6
@@ -258,15 +269,61 @@ def test_view_statistics_match_the_cpu_recipe(recipe, tiny_imagefolder):
             views.mean(dim=(0, 2, 3)),
             views.std(dim=(0, 2, 3)),
             views.std(dim=(2, 3)).mean(0),
-            channels_equal.float().mean(),
+            float(channels_equal.float().mean()),
         )
 
     (mean_c, std_c, within_c, gray_c), (mean_o, std_o, within_o, gray_o) = stats(cpu), stats(ours)
     torch.testing.assert_close(mean_o, mean_c, atol=0.1, rtol=0)
     torch.testing.assert_close(std_o, std_c, atol=0.06, rtol=0)
     torch.testing.assert_close(within_o, within_c, atol=0, rtol=0.07)
-    assert float(gray_c) == pytest.approx(0.2, abs=0.05)
-    assert float(gray_o) == pytest.approx(float(gray_c), abs=0.06)
+    return gray_c, gray_o
+
+
+def test_demo_recipe_views_match_its_cpu_recipe(tiny_fashion_mnist):
+    """The demo's default input path (28 px images decoded as one grey channel, 32 px views, v2
+    without blur, as ``pretrain/fashion_mnist_demo.yaml`` sets it) against its PIL recipe, on
+    >= 600 views of the same images: the statistics of the test above."""
+    cfg = setup_cfg("pretrain/fashion_mnist_demo.yaml", ["DATA.ROOT", str(tiny_fashion_mnist)])
+    assert cfg.DATA.DEVICE_AUG and cfg.DATA.DEVICE_AUG_GREY  # the demo's default
+    options = augmentation_options(cfg)
+    images = [image for image, _ in FashionMNIST(tiny_fashion_mnist, split="train")]
+    repeats = -(-600 // len(images))  # ceil
+    torch.manual_seed(0)
+    random.seed(0)
+    cpu_recipe = pretrain_transform(**options)
+    cpu = torch.stack([cpu_recipe(image) for _ in range(repeats) for image in images])
+    decode = DecodeResize(pre_size=cfg.DATA.DEVICE_AUG_PRE_SIZE, grey=True)
+    pixels, sizes, _ = (torch.stack(parts) for parts in zip(*map(decode, images), strict=True))
+    assert pixels.shape[1:] == (1, 28, 28)
+    ours = GpuMocoAugment(**options)(
+        pixels.repeat(repeats, 1, 1, 1), source_sizes=sizes.repeat(repeats, 1)
+    )
+    assert _assert_view_statistics_match(ours, cpu) == (1.0, 1.0)  # grey images stay grey
+
+
+@pytest.mark.parametrize("recipe", ["v2", "v1"])
+def test_grey_channel_gives_the_views_of_its_rgb_copy(recipe):
+    """One grey channel gives the 3-channel path's views of the replicated image, with the same
+    parameters: saturation, hue and grayscale leave grey pixels grey. (The 3-channel path's float
+    luma weights sum to 0.9999, so grey pixels move by up to 1e-4 there.)"""
+    grey = torch.randint(0, 256, (64, 1, 20, 24), dtype=torch.uint8)
+    aug = GpuMocoAugment(size=16, recipe=recipe, mean=MEAN, std=STD)
+    uniforms = torch.rand(
+        64, VIEW_DRAWS, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    one = aug(grey, uniforms=uniforms)
+    three = aug(grey.expand(64, 3, 20, 24), uniforms=uniforms)
+    assert one.shape == three.shape == (64, 3, 16, 16)
+    torch.testing.assert_close(one, three, atol=2e-3, rtol=0)
+    assert aug.sample_params(torch.tensor([[20, 24]]).expand(64, 2), uniforms=uniforms).jitter.any()
+
+
+def test_grey_decoding_keeps_one_channel():
+    image = Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)).convert("RGB")
+    pixels, size, uniforms = DecodeResize(pre_size=28, grey=True)(image)
+    assert pixels.shape == (1, 28, 28) and size.tolist() == [28, 28]
+    assert torch.equal(pixels[0], torch.arange(28 * 28, dtype=torch.uint8).view(28, 28))
+    assert DecodeResize(pre_size=14)(image)[0].shape == (3, 14, 14)
 
 
 def test_flip_rate_matches_the_cpu_recipe():
@@ -321,9 +378,10 @@ def test_device_augment_takes_the_cpu_recipes_keys():
 
 def test_decode_loader_feeds_the_device_step(tiny_imagefolder):
     dataset = RobustImageFolder(tiny_imagefolder / "train", transform=DecodeResize(pre_size=48))
-    (images, sizes), labels = next(iter(DataLoader(dataset, batch_size=8)))
+    (images, sizes, uniforms), labels = next(iter(DataLoader(dataset, batch_size=8)))
     assert images.dtype == torch.uint8 and images.shape == (8, 3, 48, 48)
     assert sizes.tolist() == [[40, 40]] * 8
+    assert uniforms.shape == (8, 2, VIEW_DRAWS) and uniforms.dtype == torch.float64
     seen = {}
 
     def step_fn(model, batch):
@@ -331,11 +389,26 @@ def test_decode_loader_feeds_the_device_step(tiny_imagefolder):
         return torch.zeros(()), {}
 
     augment = GpuMocoAugment(size=32, mean=MEAN, std=STD)
-    device_augment_step(step_fn, augment)("model", ((images, sizes), labels))
+    device_augment_step(step_fn, augment)("model", ((images, sizes, uniforms), labels))
     (im_q, im_k), got_labels = seen["batch"]
     assert seen["model"] == "model"
     assert im_q.shape == im_k.shape == (8, 3, 32, 32) and im_q.dtype == torch.float32
     assert not torch.equal(im_q, im_k) and torch.equal(got_labels, labels)
+    # the views are a function of the loader's draws: the global RNG plays no part
+    torch.manual_seed(123)
+    again = augment.two_crops(images, source_sizes=sizes, uniforms=uniforms)
+    assert torch.equal(again[0], im_q) and torch.equal(again[1], im_k)
+
+
+def test_explicit_uniforms_give_the_generator_views():
+    """A view drawn from a generator equals the view of the same numbers passed as uniforms."""
+    aug = GpuMocoAugment(size=16, recipe="v2", mean=MEAN, std=STD)
+    images = torch.randint(0, 256, (6, 3, 24, 20), dtype=torch.uint8)
+    drawn = aug(images, generator=torch.Generator().manual_seed(5))
+    uniforms = torch.rand(
+        6, VIEW_DRAWS, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
+    assert torch.equal(aug(images, uniforms=uniforms), drawn)
 
 
 @pytest.mark.gpu

@@ -269,6 +269,38 @@ def test_tiny_lincls_run_resume_and_evaluate(tmp_path, capsys):
     )
 
 
+def test_lincls_is_a_function_of_its_seed(tmp_path, monkeypatch):
+    """Linear classification with 2 workers, killed inside epoch 2 and rerun, ends with the
+    uninterrupted run's classifier bit for bit; 0 workers give the same classifier."""
+    _image_folder(tmp_path / "data")  # 12 images: 3 steps per epoch
+    pretrained = tmp_path / "moco.pth.tar"
+    torch.save(_moco_checkpoint(mlp=True), pretrained)
+
+    def run(name, workers):
+        options = ("SOLVER.EPOCHS", "2", "DATA.NUM_WORKERS", workers)
+        cfg = _tiny_cfg(tmp_path, "OUTPUT_DIR", str(tmp_path / name), *options)
+        run_lincls(cfg, pretrained=pretrained)
+        return load_checkpoint(tmp_path / name / "checkpoint_0001.pth.tar")["state_dict"]
+
+    uninterrupted = run("a", "2")
+    original, calls = lincls.linear_step, []
+
+    def killed_in_epoch_2(*args):
+        calls.append(1)
+        if len(calls) == 3 + 2:
+            raise KeyboardInterrupt("killed")
+        return original(*args)
+
+    monkeypatch.setattr(lincls, "linear_step", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run("b", "2")
+    monkeypatch.undo()
+    for name, workers in (("b", "2"), ("c", "0")):
+        state = run(name, workers)
+        assert all(torch.equal(uninterrupted[k], state[k]) for k in uninterrupted), name
+    assert not torch.equal(uninterrupted["module.fc.weight"], torch.zeros(3, 512))
+
+
 def test_run_stops_when_the_backbone_moves(tmp_path, monkeypatch):
     """A bug that trains BN statistics (the backbone in training mode) is caught after epoch 1."""
     _image_folder(tmp_path / "data", per_class=2)

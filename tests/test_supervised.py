@@ -31,8 +31,9 @@ def test_supervised_trains_every_layer_and_reports(tiny_imagefolder, tmp_path):
     assert written["task"] == "supervised" and "checkpoint" not in written
     assert written["metrics"] == result["metrics"]
     assert set(result["metrics"]) == {"top1", "top5", "knn_top1"}
-    # two colour-coded classes: trained with labels, the classifier and kNN separate them
-    assert result["metrics"]["top1"] > 90.0 and result["metrics"]["knn_top1"] > 90.0
+    # two colour-coded classes: trained with labels, the classifier and kNN separate them. Chance
+    # is 50 % on these 64 balanced images; 80 % or more by chance has probability < 1e-6.
+    assert result["metrics"]["top1"] >= 80.0 and result["metrics"]["knn_top1"] >= 80.0
     assert [e["epoch"] for e in result["epochs"]] == [1, 2, 3, 4]
     # every layer trains, BN in training mode: the stem's weights and statistics move
     second, third = (

@@ -101,6 +101,110 @@ def test_killed_run_resumes_exactly(tiny_imagefolder, tmp_path, monkeypatch):
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)  # queue and pointer too
 
 
+def kill_at_step(monkeypatch, module, name: str, step: int) -> None:
+    """Make ``module.name`` (a task's step function) raise KeyboardInterrupt at its ``step``-th
+    call (1-based), as a ``kill -9`` between two steps would stop the run."""
+    original, calls = getattr(module, name), []
+
+    def step_fn(*args):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt("killed")
+        return original(*args)
+
+    monkeypatch.setattr(module, name, step_fn)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "pil",
+        pytest.param("device_aug", marks=pytest.mark.slow),
+        pytest.param("demo", marks=pytest.mark.slow),
+    ],
+)
+def test_run_is_a_function_of_its_seed(
+    path, tiny_imagefolder, tiny_fashion_mnist, tmp_path, monkeypatch
+):
+    """With 2 loader workers, a run killed inside its second epoch and rerun ends with the weights
+    and queue of the uninterrupted run, bit for bit; and 0 workers give that run too. For the PIL
+    recipe, the device augmentation, and the demo recipe's grey arrays."""
+    from moco_pretrain import pretrain
+
+    def run(name, workers, **kwargs):
+        options = ["OUTPUT_DIR", str(tmp_path / name), "DATA.NUM_WORKERS", workers]
+        options += ["DATA.MAX_SAMPLES", "32"]  # 4 steps per epoch
+        if path == "demo":
+            options += ["DATA.ROOT", str(tiny_fashion_mnist), "SOLVER.BATCH_SIZE", "8"]
+            options += ["MODEL.K", "32", "MODEL.BN_SPLITS", "2", "KNN.FINAL", "False"]
+            cfg = setup_cfg("pretrain/fashion_mnist_demo.yaml", options)
+        else:
+            device_aug = str(path == "device_aug")
+            cfg = tiny_cfg(tiny_imagefolder, tmp_path, *options, "DATA.DEVICE_AUG", device_aug)
+        return run_pretraining(cfg, **kwargs)
+
+    uninterrupted = run("a", "2")
+    kill_at_step(monkeypatch, pretrain, "contrastive_step", 4 + 2)
+    with pytest.raises(KeyboardInterrupt):
+        run("b", "2")
+    monkeypatch.undo()
+    assert not (tmp_path / "b" / "checkpoint_0001.pth.tar").exists()
+    resumed = run("b", "2")  # auto-resume after epoch 1
+    without_workers = run("c", "0")
+
+    final = {
+        name: load_checkpoint(summary["checkpoint"])["state_dict"]
+        for name, summary in (("a", uninterrupted), ("b", resumed), ("c", without_workers))
+    }
+    assert {"module.queue", "module.queue_ptr"} <= final["a"].keys()
+    for other in ("b", "c"):
+        assert final[other].keys() == final["a"].keys()
+        assert all(torch.equal(final["a"][k], final[other][k]) for k in final["a"]), other
+    losses = [[e["loss"] for e in s["epochs"]] for s in (uninterrupted, resumed, without_workers)]
+    assert losses[0] == losses[1] == losses[2] and len(losses[0]) == 2
+
+
+def test_auto_resume_refuses_another_run(tiny_imagefolder, tmp_path, capsys):
+    """A checkpoint written with another SEED or recipe is not continued by auto-resume: one line
+    naming both values, exit 2, nothing overwritten; an explicit --resume starts from it."""
+    from moco_pretrain.cli.pretrain import main
+
+    small = ("SOLVER.EPOCHS", "1", "DATA.MAX_SAMPLES", "16")
+    first = run_pretraining(tiny_cfg(tiny_imagefolder, tmp_path, *small))
+    files = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != "log.txt"}
+    base = [
+        "--config-file", str(tmp_path / "config.yaml"), "SOLVER.EPOCHS", "2",
+    ]  # fmt: skip
+    for override, expected in (
+        (["SEED", "1"], "SEED 0 vs 1"),
+        (["DATA.AUG", "v1"], "DATA.AUG 'v2' vs 'v1'"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, *override])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip()
+        assert "\n" not in error and expected in error and "checkpoint_0000.pth.tar" in error
+        assert {p: p.read_bytes() for p in files} == files
+        assert not (tmp_path / "checkpoint_0001.pth.tar").exists()
+    # other workers, another log period: the same run, continued
+    main([*base, "DATA.NUM_WORKERS", "1", "TRAIN.LOG_PERIOD", "3"])
+    assert load_checkpoint(tmp_path / "checkpoint_0001.pth.tar")["epoch"] == 2
+    # on purpose: --resume starts another run from the checkpoint
+    main(["--resume", first["checkpoint"], *base, "SEED", "1", "OUTPUT_DIR", str(tmp_path / "o")])
+    assert load_checkpoint(tmp_path / "o" / "checkpoint_0001.pth.tar")["epoch"] == 2
+
+
+def test_negative_worker_count_is_refused(capsys):
+    from moco_pretrain.cli.pretrain import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["DATA.NUM_WORKERS", "-1"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "moco-pretrain: error: invalid config: DATA.NUM_WORKERS is -1, expected 0 or more"
+    )
+
+
 def test_official_checkpoint_layout_resumes(tiny_imagefolder, tmp_path):
     """A checkpoint with only the official keys (epoch, arch, state_dict, optimizer) resumes
     (without a history: the summary starts at the resumed epoch)."""
@@ -120,7 +224,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_imagefolder, t
     with pytest.raises(
         NonFiniteLossError, match=r"epoch 2, iteration \d+ .*checkpoint_0000.pth.tar"
     ):
-        run_pretraining(diverging)
+        run_pretraining(diverging, resume=good)  # another lr: an explicit resume
     assert Path(good).read_bytes() == before
     assert not (tmp_path / "checkpoint_0001.pth.tar").exists()
 

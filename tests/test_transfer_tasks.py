@@ -22,7 +22,7 @@ from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from fvcore.nn.precise_bn import get_bn_modules  # noqa: E402
 from torch import nn  # noqa: E402
 
-from moco_pretrain.config import config_root  # noqa: E402
+from moco_pretrain.config import config_root, flatten_config  # noqa: E402
 from tests.test_detectron2_train import write_coco  # noqa: E402
 from transfer import add_moco_config  # noqa: E402
 from transfer.comparison import find_expected, load_expected  # noqa: E402
@@ -144,19 +144,9 @@ def _get(cfg: CfgNode, dotted: str) -> Any:
     return reduce(getattr, dotted.split("."), cfg)
 
 
-def _flat(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def differing_keys(a: CfgNode, b: CfgNode) -> set[str]:
     """The dotted keys whose values differ between two configs (as recorded: through yaml)."""
-    fa, fb = (_flat(yaml.safe_load(cfg.dump())) for cfg in (a, b))
+    fa, fb = (flatten_config(yaml.safe_load(cfg.dump())) for cfg in (a, b))
     return {key for key in fa.keys() | fb.keys() if fa.get(key) != fb.get(key)}
 
 

@@ -15,6 +15,12 @@ alternating in rounds so that a noisy machine slows both alike:
 Modes: ``model`` feeds one synthetic batch already on the device; ``e2e`` decodes and augments
 ``DATA.TRAIN_SPLIT`` of the config's dataset with the CPU recipe (the baseline always does), or
 for ours with ``--aug device``: workers only decode, :mod:`moco_pretrain.gpu_augment` augments.
+``pipeline`` compares ours with itself: ``end_to_end`` (the loader and step exactly as
+``run_pretraining`` builds them from the config) against ``model_only`` (a synthetic batch on the
+device) and against ``unseeded`` (the same loader without the per-sample seeding of
+:class:`moco_pretrain.data.SeededSamples`, as releases before it loaded): how close a recipe runs
+to its model step's speed, and what the seeding costs. Loader workers live for one round here,
+so that no worker of one variant still works while the next variant is timed.
 
 Timing: images/s is the steady state, from the time between consecutive optimizer-step ends (CUDA
 events, so no extra host syncs), median over ``--rounds``; the ratio ours/baseline is the median
@@ -23,7 +29,11 @@ sync around every part, and torch.profiler for the parts inside MoCo) gives the 
 step. Peak memory covers building the variant
 and its ``--warmup`` steps. On a shared CPU, ``--threads 1`` gives the steadiest figures.
 
-Example (the CPU figures in docs/performance.md)::
+Examples (the CPU figures in docs/performance.md)::
+
+    python tools/benchmark_pretrain.py --config-file pretrain/fashion_mnist_demo.yaml \
+        --device cpu --mode pipeline --steps 8 --warmup 2 --rounds 5
+
 
     python tools/benchmark_pretrain.py --device cpu --threads 1 --steps 4 --warmup 2 --rounds 8 \
         --json out.json MODEL.ARCH resnet18 DATA.IMAGE_SIZE 64 SOLVER.BATCH_SIZE 32 MODEL.K 4096
@@ -48,6 +58,7 @@ from typing import Any
 import torch
 from fvcore.common.config import CfgNode
 from torch.autograd import DeviceType
+from torch.utils.data import DataLoader
 
 from moco_pretrain.builder import MoCo
 from moco_pretrain.checkpoint import Checkpointer
@@ -60,6 +71,7 @@ from moco_pretrain.pretrain import (
     build_moco,
     build_optimizer,
     build_pretrain_loader,
+    build_step,
     contrastive_step,
     prepare_model,
 )
@@ -237,8 +249,11 @@ def quiet_epoch(runner: Runner, epoch: int) -> None:
         runner.train_one_epoch(epoch)
 
 
-def build_runner(cfg: CfgNode, *, official: bool, loader, augment, device) -> Runner:
-    """``run_pretraining``'s model/optimizer set-up (ours) or the official one (baseline)."""
+def build_runner(
+    cfg: CfgNode, *, official: bool, loader, augment, device, step: Callable | None = None
+) -> Runner:
+    """``run_pretraining``'s model/optimizer set-up (ours) or the official one (baseline);
+    ``step`` replaces the contrastive step (behind ``augment`` when given)."""
     if official:
         encoder = functools.partial(build_resnet, cfg.MODEL.ARCH, small_stem=cfg.MODEL.SMALL_STEM)
         model = OfficialMoCo(
@@ -253,7 +268,10 @@ def build_runner(cfg: CfgNode, *, official: bool, loader, augment, device) -> Ru
         model = prepare_model(cfg, build_moco(cfg).to(device), device)
         optimizer = build_optimizer(cfg, model)
     channels_last = device.type == "cuda" and cfg.TRAIN.CHANNELS_LAST and not official
-    step = contrastive_step if augment is None else device_augment_step(contrastive_step, augment)
+    if step is None:
+        step = (
+            contrastive_step if augment is None else device_augment_step(contrastive_step, augment)
+        )
     return Runner(
         Task(model, optimizer, loader, step),
         device=device,
@@ -266,13 +284,48 @@ def build_runner(cfg: CfgNode, *, official: bool, loader, augment, device) -> Ru
     )
 
 
+def synthetic_batches(cfg: CfgNode, steps: int, device: torch.device) -> list[Any]:
+    """``steps`` times one batch of two random views, already on ``device``."""
+    n, size = cfg.SOLVER.BATCH_SIZE, cfg.DATA.IMAGE_SIZE
+    views = [torch.randn(n, 3, size, size, device=device) for _ in range(2)]
+    return [(views, torch.zeros(n, dtype=torch.long, device=device))] * steps
+
+
+def one_round_workers(loader: DataLoader, *, dataset=None, sampler=None) -> DataLoader:
+    """``loader`` with workers that end with each round (not persistent), optionally over another
+    dataset and sampler."""
+    return DataLoader(
+        loader.dataset if dataset is None else dataset,
+        batch_size=loader.batch_size,
+        sampler=loader.sampler if sampler is None else sampler,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        generator=loader.generator,
+    )
+
+
+def build_pipeline_variants(
+    cfg: CfgNode, args: argparse.Namespace, device: torch.device
+) -> dict[str, dict[str, Any]]:
+    """``end_to_end``, ``model_only`` and ``unseeded`` (see the module docstring)."""
+    loader = build_pretrain_loader(cfg)  # SeededSamples over the dataset, EpochIndexSampler
+    step = build_step(cfg, device)
+    unseeded = one_round_workers(
+        loader, dataset=loader.dataset.dataset, sampler=loader.sampler.sampler
+    )
+    return {
+        "end_to_end": {"loader": one_round_workers(loader), "step": step},
+        "model_only": {"loader": synthetic_batches(cfg, args.steps, device)},
+        "unseeded": {"loader": unseeded, "step": step},
+    }
+
+
 def build_loaders(cfg: CfgNode, args: argparse.Namespace, device: torch.device):
     """(ours' loader, the baseline's loader, ours' device augmentation or None)."""
-    n, size = cfg.SOLVER.BATCH_SIZE, cfg.DATA.IMAGE_SIZE
     if args.mode == "model":
-        views = [torch.randn(n, 3, size, size, device=device) for _ in range(2)]
-        batch = (views, torch.zeros(n, dtype=torch.long, device=device))
-        return [batch] * args.steps, [batch] * args.steps, None
+        batches = synthetic_batches(cfg, args.steps, device)
+        return batches, batches, None
     cpu_loader = build_pretrain_loader(cfg)
     if args.aug == "cpu":
         return cpu_loader, cpu_loader, None
@@ -285,22 +338,61 @@ def build_loaders(cfg: CfgNode, args: argparse.Namespace, device: torch.device):
     return loader, cpu_loader, augment
 
 
+def speed_ratio(faster: dict[str, Any], slower: dict[str, Any]) -> dict[str, Any]:
+    """images/s of ``faster`` over ``slower``: the median of the per-round ratios (the variants ran
+    back to back in each round, so slow drifts in load cancel), and the peak-memory ratio."""
+    paired = [
+        s / f
+        for f, s in zip(
+            faster["step_seconds_per_round"], slower["step_seconds_per_round"], strict=True
+        )
+    ]
+    memory = (
+        faster["peak_memory_mib"] / slower["peak_memory_mib"]
+        if faster["peak_memory_mib"] and slower["peak_memory_mib"]
+        else None
+    )
+    return {
+        "images_per_s": statistics.median(paired),
+        "images_per_s_per_round": paired,
+        "peak_memory": memory,
+    }
+
+
+# The ratios each mode reports, as (numerator, denominator) variants.
+RATIOS = {
+    "model": (("ours", "baseline"),),
+    "e2e": (("ours", "baseline"),),
+    "pipeline": (("end_to_end", "model_only"), ("end_to_end", "unseeded")),
+}
+
+
+def build_variants(
+    cfg: CfgNode, args: argparse.Namespace, device: torch.device
+) -> dict[str, dict[str, Any]]:
+    """Per variant: ``build_runner``'s keyword arguments besides the config and device."""
+    if args.mode == "pipeline":
+        return build_pipeline_variants(cfg, args, device)
+    ours_loader, base_loader, augment = build_loaders(cfg, args, device)
+    return {
+        "ours": {"loader": ours_loader, "augment": augment},
+        "baseline": {"loader": base_loader, "official": True},
+    }
+
+
 def benchmark(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True  # as the official main_moco.py
     torch.manual_seed(cfg.SEED)
-    ours_loader, base_loader, augment = build_loaders(cfg, args, device)
-    specs = {"ours": (False, ours_loader, augment), "baseline": (True, base_loader, None)}
     trainers, results = {}, {}
-    for name, (official, loader, aug) in specs.items():
+    for name, spec in build_variants(cfg, args, device).items():
+        spec = {"official": False, "augment": None, **spec}
         with peak_memory(device) as peak:  # build + warm-up steps (optimizer state included)
-            trainers[name] = build_runner(
-                cfg, official=official, loader=loader, augment=aug, device=device
-            )
+            trainers[name] = build_runner(cfg, device=device, **spec)
             trainers[name].max_iters_per_epoch = args.warmup
             quiet_epoch(trainers[name], 0)
         results[name] = {"peak_memory_mib": peak["mib"], "step_seconds_per_round": []}
-    for round_index in range(args.rounds):  # alternate, so machine noise hits both alike
+    for round_index in range(args.rounds):  # alternate, so machine noise hits all alike
         order = list(trainers.items())
         for name, trainer in order if round_index % 2 == 0 else reversed(order):
             trainer.max_iters_per_epoch = args.steps
@@ -313,17 +405,7 @@ def benchmark(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
         results[name]["step_ms"] = 1000 * seconds
         profiler = StepProfiler(trainer, device)
         results[name]["split_ms"] = profiler.run(args.rounds + 1)
-    ours, base = results["ours"], results["baseline"]
-    memory_ratio = (
-        ours["peak_memory_mib"] / base["peak_memory_mib"]
-        if ours["peak_memory_mib"] and base["peak_memory_mib"]
-        else None
-    )
-    # Paired per round (ours and the baseline ran back to back): robust to slow drifts in load.
-    paired = [
-        b / o
-        for o, b in zip(ours["step_seconds_per_round"], base["step_seconds_per_round"], strict=True)
-    ]
+    ratios = {f"{a}/{b}": speed_ratio(results[a], results[b]) for a, b in RATIOS[args.mode]}
     return {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "machine": describe_machine(device),
@@ -343,41 +425,41 @@ def benchmark(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
             "warmup": args.warmup,
             "rounds": args.rounds,
             "num_workers": cfg.DATA.NUM_WORKERS,
+            "device_aug": cfg.DATA.DEVICE_AUG,
         },  # fmt: skip
-        "ours": ours,
-        "baseline": base,
-        "ratio": {
-            "images_per_s": statistics.median(paired),
-            "images_per_s_per_round": paired,
-            "peak_memory": memory_ratio,
-        },
+        **results,
+        **({"ratio": ratios["ours/baseline"]} if "ours/baseline" in ratios else {"ratios": ratios}),
     }
 
 
 def format_table(report: dict[str, Any]) -> str:
-    header = f"{'variant':<9} {'img/s':>8} {'ms/step':>8} {'peak MiB':>9}  " + " ".join(
+    header = f"{'variant':<10} {'img/s':>8} {'ms/step':>8} {'peak MiB':>9}  " + " ".join(
         f"{p:>9.9}" for p in PARTS
     )
     lines = [header]
-    for name in ("ours", "baseline"):
+    ratios = report["ratios"] if "ratios" in report else {"ours/baseline": report["ratio"]}
+    names = dict.fromkeys(name for pair in ratios for name in pair.split("/"))
+    for name in names:
         r = report[name]
         peak = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] is not None else "n/a"
         split = " ".join(f"{r['split_ms'][p]:>9.2f}" for p in PARTS)
-        lines.append(f"{name:<9} {r['images_per_s']:>8.1f} {r['step_ms']:>8.1f} {peak:>9}  {split}")
-    ratio = report["ratio"]
-    memory = f"{ratio['peak_memory']:.2f}x" if ratio["peak_memory"] is not None else "n/a"
-    rounds = ", ".join(f"{r:.2f}" for r in ratio["images_per_s_per_round"])
-    lines.append(
-        f"ours/baseline: {ratio['images_per_s']:.2f}x images/s (median of rounds: {rounds}), "
-        f"{memory} peak memory"
-    )
+        lines.append(
+            f"{name:<10} {r['images_per_s']:>8.1f} {r['step_ms']:>8.1f} {peak:>9}  {split}"
+        )
+    for pair, ratio in ratios.items():
+        memory = f"{ratio['peak_memory']:.2f}x" if ratio["peak_memory"] is not None else "n/a"
+        rounds = ", ".join(f"{r:.2f}" for r in ratio["images_per_s_per_round"])
+        lines.append(
+            f"{pair}: {ratio['images_per_s']:.2f}x images/s (median of rounds: {rounds}), "
+            f"{memory} peak memory"
+        )
     return "\n".join(lines)
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", default="", help="pretraining config (default: defaults)")
-    parser.add_argument("--mode", choices=("model", "e2e"), default="model")
+    parser.add_argument("--mode", choices=("model", "e2e", "pipeline"), default="model")
     parser.add_argument("--aug", choices=("cpu", "device"), default="cpu", help="e2e: ours' aug")
     parser.add_argument("--pre-size", type=int, default=0, help="device aug decode size (0: 1.5x)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -10,7 +10,10 @@ VOC-, COCO-format and label-PNG data; the evaluator follows the test dataset's
 ``evaluator_type``; before training, the backbone weights are verified (:mod:`transfer.preflight`). Trial ``k`` runs in ``OUTPUT_DIR/trial_k`` with
 ``SEED = max(SEED, 0) + k`` and ends by writing ``results.json`` there; a trial that has one is
 skipped, so an interrupted series is completed by rerunning the same command, and ``--trial k``
-runs one trial (e.g. as its own cluster job). At world size 1 (one GPU or ``MODEL.DEVICE cpu``)
+runs one trial (e.g. as its own cluster job). A trial killed before its ``results.json`` restarts
+from iteration 0 when rerun: detectron2's checkpoints hold no sampler position or RNG state, so
+continuing one would train another trial than its seed names; ``--resume`` is therefore refused
+for training (with ``--eval-only`` it evaluates the trial's last checkpoint). At world size 1 (one GPU or ``MODEL.DEVICE cpu``)
 ``SyncBN`` normalises with the batch's own statistics, as plain BN.
 
 Deviations from the official ``detection/train_net.py`` (MoCo, 78b69ca): the evaluator is chosen
@@ -290,9 +293,29 @@ def write_trial_results(
     )
 
 
+INTERRUPTED_METRICS = "metrics.interrupted.json"
+
+
+def set_aside_interrupted_attempt(output_dir: Path) -> None:
+    """A trial directory with checkpoints but no ``results.json`` holds an attempt that stopped:
+    the trial restarts from iteration 0, and the attempt's ``metrics.json`` (which detectron2
+    would append to) moves to :data:`INTERRUPTED_METRICS`."""
+    marker = output_dir / "last_checkpoint"
+    if not marker.is_file() or (output_dir / RESULTS_FILE).is_file():
+        return
+    logging.getLogger("detectron2").info(
+        "an earlier attempt of this trial stopped at %s: restarting from iteration 0",
+        marker.read_text().strip(),
+    )
+    if (output_dir / "metrics.json").is_file():
+        (output_dir / "metrics.json").replace(output_dir / INTERRUPTED_METRICS)
+
+
 def run_trial(args: argparse.Namespace, trial: int) -> dict[str, Any]:
     """One trial, in every process that ``launch`` starts."""
     cfg = setup(args, trial)
+    if not args.eval_only and comm.is_main_process():
+        set_aside_interrupted_attempt(Path(cfg.OUTPUT_DIR))
     # the schedule the trial trains (or trained) with: rescaled to the processes
     effective = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
     if args.eval_only:
@@ -330,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     with exit_on_user_error("moco-transfer"):  # bad config, missing data or weights
+        if args.resume and not args.eval_only:
+            raise ValueError(
+                "--resume: detectron2 cannot continue a fine-tuning trial exactly (its checkpoints"
+                " hold no sampler position or RNG state), so an unfinished trial restarts from"
+                " iteration 0: rerun the command without --resume"
+            )
         args.config_file = str(resolve_config_file(args.config_file))
         cfg = build_cfg(args)
         trials = [args.trial] if args.trial is not None else range(args.num_trials)
