@@ -188,32 +188,42 @@ def _batch_problems(cfg: CN, world_size: int, *, pretraining: bool) -> list[str]
         )
     elif pretraining and batch % splits:
         problems.append(f"SOLVER.BATCH_SIZE {batch} is not divisible by MODEL.BN_SPLITS {splits}")
+    if pretraining and cfg.DATA.DEVICE_AUG_GREY and not cfg.DATA.DEVICE_AUG:
+        problems.append("DATA.DEVICE_AUG_GREY is True but DATA.DEVICE_AUG is False (it needs it)")
     return problems
 
 
 # Keys that a rerun in the same OUTPUT_DIR may change without making another run: where the data
-# is, how fast it loads, what is logged and kept, the post-training comparison, and the number of
-# epochs (extending a run; with "cos" the later epochs follow the new schedule). Any other key,
-# SEED included, names another run, which auto-resume refuses to continue.
+# is, how fast it loads, what is logged and kept, what is evaluated (the validation split and the
+# kNN monitor and comparison, which leave the training's RNG alone), and the number of epochs
+# (extending a run; with "cos" the later epochs follow the new schedule). Any other key, SEED
+# included, names another run, which auto-resume refuses to continue.
 RESUMABLE_CHANGES = (
-    "OUTPUT_DIR", "DATA.ROOT", "DATA.DOWNLOAD", "DATA.NUM_WORKERS", "SOLVER.EPOCHS",
-    "TRAIN.AUTO_RESUME", "TRAIN.CHECKPOINT_PERIOD", "TRAIN.KEEP_LAST", "TRAIN.LOG_PERIOD",
-    "KNN.FINAL",
+    "OUTPUT_DIR", "DATA.ROOT", "DATA.DOWNLOAD", "DATA.NUM_WORKERS", "DATA.VAL_SPLIT",
+    "SOLVER.EPOCHS", "TRAIN.AUTO_RESUME", "TRAIN.CHECKPOINT_PERIOD", "TRAIN.KEEP_LAST",
+    "TRAIN.LOG_PERIOD", "KNN.MONITOR_PERIOD", "KNN.FINAL", "KNN.NEIGHBORS", "KNN.TEMPERATURE",
+    "KNN.BANK_SIZE", "KNN.BATCH_SIZE_PER_PROCESS",
+)  # fmt: skip
+# Keys that only pretraining reads (the linear and supervised tasks ignore them).
+PRETRAINING_ONLY = (
+    "MODEL.DIM", "MODEL.K", "MODEL.M", "MODEL.T", "MODEL.MLP", "MODEL.BN_SPLITS", "DATA.AUG",
+    "DATA.CROP_MIN_SCALE", "DATA.BLUR", "DATA.DEVICE_AUG", "DATA.DEVICE_AUG_PRE_SIZE",
+    "DATA.DEVICE_AUG_GREY",
 )  # fmt: skip
 
 
-def run_differences(saved: str, current: str) -> list[str]:
+def run_differences(saved: str, current: str, *, unread: tuple[str, ...] = ()) -> list[str]:
     """The keys of two resolved configs (YAML dumps) that make them different runs, each as
-    ``KEY saved-value vs current-value``; keys that only one of them has are not compared (a
-    checkpoint of an older release, or of another task's recipe)."""
-    before, after = (
-        flatten_config(yaml.safe_load(saved) or {}),
-        flatten_config(yaml.safe_load(current) or {}),
-    )
+    ``KEY saved-value vs current-value``: all but :data:`RESUMABLE_CHANGES` and the keys the task
+    does not read (``unread``). Keys that only one of them has are not compared (a checkpoint of
+    an older release)."""
+    before = flatten_config(yaml.safe_load(saved) or {})
+    after = flatten_config(yaml.safe_load(current) or {})
+    free = set(RESUMABLE_CHANGES) | set(unread)
     return [
         f"{key} {before[key]!r} vs {after[key]!r}"
         for key in sorted(before.keys() & after.keys())
-        if key not in RESUMABLE_CHANGES and before[key] != after[key]
+        if key not in free and before[key] != after[key]
     ]
 
 

@@ -13,7 +13,7 @@ import random
 import struct
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -281,14 +281,17 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-@contextmanager
-def seeded_rng(seed: int) -> Iterator[None]:
-    """Python's ``random`` and torch's CPU generator seeded with ``seed`` inside the block (the
-    RNGs that torchvision's transforms and :class:`GaussianBlur` draw from), restored after it, so
-    the caller's own streams do not move. NumPy's global RNG is not touched."""
-    python_state, torch_state = random.getstate(), torch.get_rng_state()
+def seed_rng(seed: int) -> None:
+    """Seed Python's ``random`` and torch's CPU generator, the RNGs that torchvision's transforms
+    and :class:`GaussianBlur` draw from (NumPy's global RNG is not touched)."""
     random.seed(seed)
     torch.default_generator.manual_seed(seed)
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """The states of the RNGs that :func:`seed_rng` seeds, restored after the block."""
+    python_state, torch_state = random.getstate(), torch.get_rng_state()
     try:
         yield
     finally:
@@ -297,12 +300,14 @@ def seeded_rng(seed: int) -> Iterator[None]:
 
 
 class SeededSamples(Dataset):
-    """``dataset[index]`` drawn under :func:`seeded_rng` of ``(seed, epoch, index)``.
+    """``dataset[index]`` drawn after :func:`seed_rng` of ``sample_seed(seed, epoch, index)``.
 
     Indexed by ``(epoch, index)`` pairs (:class:`EpochIndexSampler`), so that the epoch reaches
     persistent loader workers. Every random augmentation of a sample is then a function of those
     three numbers alone: the same with any number of workers, processes or batch size, and a run
-    resumed at an epoch boundary draws what the uninterrupted run drew.
+    resumed at an epoch boundary draws what the uninterrupted run drew. In the training process
+    (no workers) the RNG states are restored after each batch (``__getitems__``, which the
+    DataLoader calls per batch), so that its own streams do not move.
     """
 
     def __init__(self, dataset: Dataset, *, seed: int) -> None:
@@ -312,14 +317,16 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        seed = sample_seed(self.seed, epoch, index)
-        if torch.utils.data.get_worker_info() is not None:  # a worker: nothing else draws here
-            random.seed(seed)
-            torch.default_generator.manual_seed(seed)
-            return self.dataset[index]
-        with seeded_rng(seed):  # the training process: its own streams must not move
-            return self.dataset[index]
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        in_worker = torch.utils.data.get_worker_info() is not None  # nothing else draws there
+        with nullcontext() if in_worker else preserved_rng():
+            samples = []
+            for epoch, index in keys:
+                seed_rng(sample_seed(self.seed, epoch, index))
+                samples.append(self.dataset[index])
+            return samples
 
 
 class EpochIndexSampler(Sampler):

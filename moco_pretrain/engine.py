@@ -41,6 +41,7 @@ from .distributed import (
     is_main_process,
     seed_all,
 )
+from .files import atomic_write
 from .schedules import lr_at_epoch, scaled_lr
 
 logger = logging.getLogger("moco_pretrain")
@@ -123,6 +124,7 @@ class Task:
         hooks: see :class:`Hook`.
         train_mode: False keeps the whole model in eval mode while it trains (linear
             classification: the frozen backbone's BN statistics must not move).
+        unread_config_keys: config keys the task never reads; auto-resume lets them differ.
     """
 
     model: nn.Module
@@ -131,6 +133,7 @@ class Task:
     step: StepFn
     hooks: Sequence[Hook] = ()
     train_mode: bool = True
+    unread_config_keys: tuple[str, ...] = ()
 
 
 class Runner:
@@ -274,14 +277,14 @@ class Runner:
         if path or found:
             self.resume(path or found)
         if is_main_process() and self.checkpoint_meta.get("config"):
-            config_file = self.checkpointer.output_dir / "config.yaml"
-            config_file.parent.mkdir(parents=True, exist_ok=True)
-            config_file.write_text(self.checkpoint_meta["config"])
+            config = self.checkpoint_meta["config"].encode()
+            atomic_write(self.checkpointer.output_dir / "config.yaml", lambda f: f.write(config))
 
     def _check_same_run(self, path: Path) -> None:
         saved = load_checkpoint(path, lazy=True).get("config")
         current = self.checkpoint_meta.get("config")
-        differences = run_differences(saved, current) if saved and current else []
+        unread = self.task.unread_config_keys
+        differences = run_differences(saved, current, unread=unread) if saved and current else []
         if differences:
             raise ValueError(
                 f"auto-resume: {path} belongs to another run ({'; '.join(differences)}:"

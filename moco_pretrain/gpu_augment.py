@@ -330,15 +330,15 @@ class GpuMocoAugment(nn.Module):
                 n, VIEW_DRAWS, generator=generator, device=device, dtype=torch.float64
             )
         crop = sample_crops(sizes, scale=self.scale, uniforms=uniforms[:, :CROP_DRAWS])
-        u = uniforms[:, CROP_DRAWS:].float()  # u: Nx13
+        u = uniforms[:, CROP_DRAWS:]  # u: Nx13 float64, compared before rounding to float32
         return AugmentParams(
             crop=crop,
             jitter=u[:, 4] < self.jitter_p,
-            factors=self.jitter_low + self.jitter_width * u[:, 0:4],  # Nx4
+            factors=self.jitter_low + self.jitter_width * u[:, 0:4].float(),  # Nx4
             order=u[:, 5:9].argsort(dim=1),  # a uniformly random permutation per sample
             gray=u[:, 9] < 0.2,
             blur=u[:, 10] < self.blur_p,
-            sigma=BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 11],
+            sigma=(BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 11]).float(),
             flip=u[:, 12] < 0.5,
         )
 

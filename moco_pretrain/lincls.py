@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import atomic_save, load_checkpoint, with_ddp_prefix
-from .config import dataset_options, eval_transform_options
+from .config import PRETRAINING_ONLY, dataset_options, eval_transform_options
 from .data import (
     build_dataset,
     build_eval_loader,
@@ -298,7 +298,10 @@ def lincls_task(
         arch=cfg.MODEL.ARCH, pretrained=pretrained,
     )  # fmt: skip
     # train_mode False: the whole model, BN included, stays in eval mode
-    return Task(model, optimizer, loader, linear_step, hooks=[validation], train_mode=False)
+    return Task(
+        model, optimizer, loader, linear_step, hooks=[validation], train_mode=False,
+        unread_config_keys=PRETRAINING_ONLY,
+    )  # fmt: skip
 
 
 def run_lincls(

@@ -136,7 +136,9 @@ def feature_comparison(summary: dict[str, Any]) -> list[str]:
 
 
 class KnnMonitor(Hook):
-    """kNN top-1 (``knn_top1``) of an encoder every ``period`` epochs and after the last one."""
+    """kNN top-1 (``knn_top1``) of an encoder every ``period`` epochs and after the last one,
+    under a fork of the CPU RNG (building the evaluated copy draws an initialisation), so that
+    monitoring does not change the training."""
 
     def __init__(self, top1: Callable[[], float], *, period: int, epochs: int) -> None:
         self.top1, self.period, self.epochs = top1, period, epochs
@@ -144,7 +146,8 @@ class KnnMonitor(Hook):
     def after_epoch(self, runner: Runner, epoch: int) -> dict[str, float]:
         if self.period <= 0 or ((epoch + 1) % self.period and epoch + 1 < self.epochs):
             return {}
-        return {"knn_top1": self.top1()}
+        with torch.random.fork_rng(devices=[]):
+            return {"knn_top1": self.top1()}
 
 
 def pretraining_task(cfg: CfgNode, device: torch.device) -> Task:

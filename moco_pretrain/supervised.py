@@ -14,6 +14,7 @@ import torch
 from fvcore.common.config import CfgNode
 from torch import nn
 
+from .config import PRETRAINING_ONLY
 from .data import num_classes_of
 from .distributed import get_world_size, is_main_process, per_process_batch_size
 from .engine import Runner, Task, logger, start_run, unwrap
@@ -53,7 +54,7 @@ def supervised_task(cfg: CfgNode, device: torch.device) -> Task:
         "supervised %s: %d processes x %d images = batch %d, lr %.4g",
         cfg.MODEL.ARCH, get_world_size(), loader.batch_size, cfg.SOLVER.BATCH_SIZE, lr,
     )  # fmt: skip
-    return Task(model, optimizer, loader, linear_step)
+    return Task(model, optimizer, loader, linear_step, unread_config_keys=PRETRAINING_ONLY)
 
 
 def run_supervised(cfg: CfgNode) -> dict[str, Any]:

@@ -99,7 +99,11 @@ def test_pipeline_mode_compares_the_recipe_with_its_model_step(tool, tiny_imagef
     opts = ["DATA.ROOT", str(tiny_imagefolder), "DATA.NUM_WORKERS", "1", "DATA.DEVICE_AUG", "True"]
     report = tool.main([*argv, "--warmup", "1", "--rounds", "2", *SMALL, *opts])
     variants = ("end_to_end", "model_only", "unseeded")
-    assert set(report) == {"command", "machine", "config", "ratios", *variants}
+    assert set(report) == {"command", "machine", "config", "ratios", "seeding", *variants}
+    seeding = report["seeding"]
+    cost = seeding["seeded_ms_per_batch"] - seeding["unseeded_ms_per_batch"]
+    assert seeding["share_of_step"] == pytest.approx(cost / report["end_to_end"]["step_ms"])
+    assert seeding["seeded_ms_per_batch"] > 0 and seeding["unseeded_ms_per_batch"] > 0
     assert report["config"]["device_aug"] is True
     split = {name: report[name]["split_ms"] for name in variants}
     assert split["end_to_end"]["augment"] > 0 and split["unseeded"]["augment"] > 0
@@ -110,3 +114,4 @@ def test_pipeline_mode_compares_the_recipe_with_its_model_step(tool, tiny_imagef
         expected = sorted(b / a for a, b in zip(first, second, strict=True))
         assert report["ratios"][pair]["images_per_s"] == pytest.approx(sum(expected) / 2)
         assert f"{pair}: {report['ratios'][pair]['images_per_s']:.2f}x" in printed
+    assert f"seeding costs {100 * seeding['share_of_step']:+.2f} %" in printed

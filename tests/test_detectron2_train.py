@@ -2,7 +2,7 @@
 
 The datasets are written here (coloured boxes on noise, 96x128 px); the backbone is a randomly
 initialised torchvision ResNet-50 converted by the converter, so the whole path (convert ->
-register -> preflight -> train -> evaluate -> results.json -> trials, --eval-only, --resume)
+register -> preflight -> train -> evaluate -> results.json -> trials, --eval-only, restarts)
 runs as a user runs it.
 """
 
@@ -230,9 +230,9 @@ def test_killed_trial_restarts_and_ends_as_the_uninterrupted_trial(
     assert "restarts from iteration 0" in capsys.readouterr().err
     main([*argv, "OUTPUT_DIR", str(tmp_path / "b")])
     log = (killed / "log.txt").read_text()
-    assert "an earlier attempt of this trial stopped at model_0000001.pth" in log
+    assert "stopped (last checkpoint model_0000001.pth): restarting from iteration 0" in log
     assert log.count("Starting training from iteration 0") == 2
-    interrupted = (killed / "metrics.interrupted.json").read_text().splitlines()
+    interrupted = (killed / "metrics.interrupted_1.json").read_text().splitlines()
     assert interrupted and len((killed / "metrics.json").read_text().splitlines()) > 0
     assert _results(tmp_path / "b")["metrics"] == _results(tmp_path / "a")["metrics"]
     final = [

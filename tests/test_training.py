@@ -53,9 +53,15 @@ def test_training_lowers_the_loss(tiny_imagefolder, tmp_path):
     frozen = run_pretraining(
         tiny_cfg(tiny_imagefolder, tmp_path / "b", *options, "SOLVER.BASE_LR", "0.0")
     )
-    late = slice(3, 6)
-    mean = lambda summary, key: sum(e[key] for e in summary["epochs"][late]) / 3  # noqa: E731
+    # every epoch once the queue holds real keys (after 2 steps): both losses drift towards
+    # ln(K + 1) as the keys spread, the trained one lower in each epoch
+    full = slice(1, 6)
+    mean = lambda summary, key: sum(e[key] for e in summary["epochs"][full]) / 5  # noqa: E731
     assert mean(trained, "loss") < mean(frozen, "loss") - 0.05
+    assert all(
+        a["loss"] < b["loss"]
+        for a, b in zip(trained["epochs"][full], frozen["epochs"][full], strict=True)
+    )
     assert mean(trained, "acc1") > mean(frozen, "acc1")
 
 
@@ -186,23 +192,31 @@ def test_auto_resume_refuses_another_run(tiny_imagefolder, tmp_path, capsys):
         assert "\n" not in error and expected in error and "checkpoint_0000.pth.tar" in error
         assert {p: p.read_bytes() for p in files} == files
         assert not (tmp_path / "checkpoint_0001.pth.tar").exists()
-    # other workers, another log period: the same run, continued
-    main([*base, "DATA.NUM_WORKERS", "1", "TRAIN.LOG_PERIOD", "3"])
+    # other workers, log period, kNN settings: the same run, continued
+    main([*base, "DATA.NUM_WORKERS", "1", "TRAIN.LOG_PERIOD", "3", "KNN.NEIGHBORS", "7"])
     assert load_checkpoint(tmp_path / "checkpoint_0001.pth.tar")["epoch"] == 2
     # on purpose: --resume starts another run from the checkpoint
     main(["--resume", first["checkpoint"], *base, "SEED", "1", "OUTPUT_DIR", str(tmp_path / "o")])
     assert load_checkpoint(tmp_path / "o" / "checkpoint_0001.pth.tar")["epoch"] == 2
 
 
-def test_negative_worker_count_is_refused(capsys):
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["DATA.NUM_WORKERS", "-1"], "DATA.NUM_WORKERS is -1, expected 0 or more"),
+        (
+            ["DATA.DEVICE_AUG", "False"],
+            "DATA.DEVICE_AUG_GREY is True but DATA.DEVICE_AUG is False (it needs it)",
+        ),
+    ],
+)
+def test_bad_loader_settings_are_refused(override, message, capsys):
     from moco_pretrain.cli.pretrain import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["DATA.NUM_WORKERS", "-1"])
+        main(override)  # the demo recipe: grey device augmentation
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == (
-        "moco-pretrain: error: invalid config: DATA.NUM_WORKERS is -1, expected 0 or more"
-    )
+    assert capsys.readouterr().err.strip() == f"moco-pretrain: error: invalid config: {message}"
 
 
 def test_official_checkpoint_layout_resumes(tiny_imagefolder, tmp_path):
@@ -361,6 +375,12 @@ def test_knn_monitor_and_tensorboard(tiny_imagefolder, tmp_path):
     assert random_metrics["top1"] == summary["knn_top1_random_init"]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert f"epoch 2: knn_top1 {summary['knn_top1']:.4g}" in (tmp_path / "log.txt").read_text()
+    # monitoring does not change the training: the same run without it ends with the same weights
+    unmonitored = run_pretraining(tiny_cfg(tiny_imagefolder, tmp_path / "unmonitored"))
+    trained = without_ddp_prefix(load_checkpoint(unmonitored["checkpoint"])["state_dict"])
+    monitored = model.state_dict()
+    assert trained.keys() == monitored.keys()
+    assert all(torch.equal(trained[k], monitored[k]) for k in monitored)
 
 
 def test_resumed_run_reports_every_epoch(tiny_imagefolder, tmp_path):

@@ -20,7 +20,11 @@ for ours with ``--aug device``: workers only decode, :mod:`moco_pretrain.gpu_aug
 device) and against ``unseeded`` (the same loader without the per-sample seeding of
 :class:`moco_pretrain.data.SeededSamples`, as releases before it loaded): how close a recipe runs
 to its model step's speed, and what the seeding costs. Loader workers live for one round here,
-so that no worker of one variant still works while the next variant is timed.
+so that no worker of one variant still works while the next variant is timed. Since the seeding's
+cost is far below the noise of whole steps on a shared machine, pipeline mode also times the two
+loaders alone (no model), interleaved, and reports the difference per batch as a share of the
+end-to-end step: the slowdown when loading is serial with the step (no workers), its upper bound
+when workers load in parallel.
 
 Timing: images/s is the steady state, from the time between consecutive optimizer-step ends (CUDA
 events, so no extra host syncs), median over ``--rounds``; the ratio ours/baseline is the median
@@ -32,9 +36,7 @@ and its ``--warmup`` steps. On a shared CPU, ``--threads 1`` gives the steadiest
 Examples (the CPU figures in docs/performance.md)::
 
     python tools/benchmark_pretrain.py --config-file pretrain/fashion_mnist_demo.yaml \
-        --device cpu --mode pipeline --steps 8 --warmup 2 --rounds 5
-
-
+        --device cpu --mode pipeline --steps 10 --warmup 2 --rounds 7
     python tools/benchmark_pretrain.py --device cpu --threads 1 --steps 4 --warmup 2 --rounds 8 \
         --json out.json MODEL.ARCH resnet18 DATA.IMAGE_SIZE 64 SOLVER.BATCH_SIZE 32 MODEL.K 4096
 """
@@ -326,30 +328,62 @@ def build_loaders(cfg: CfgNode, args: argparse.Namespace, device: torch.device):
     if args.mode == "model":
         batches = synthetic_batches(cfg, args.steps, device)
         return batches, batches, None
-    cpu_loader = build_pretrain_loader(cfg)
+    cpu_cfg, device_cfg = cfg.clone(), cfg.clone()
+    cpu_cfg.defrost()
+    cpu_cfg.DATA.DEVICE_AUG = False  # the PIL recipe, whatever the config's own input path
+    cpu_loader = build_pretrain_loader(cpu_cfg)
     if args.aug == "cpu":
         return cpu_loader, cpu_loader, None
-    device_cfg = cfg.clone()
     device_cfg.defrost()
     device_cfg.DATA.DEVICE_AUG = True
-    device_cfg.DATA.DEVICE_AUG_PRE_SIZE = args.pre_size
+    device_cfg.DATA.DEVICE_AUG_PRE_SIZE = args.pre_size or cfg.DATA.DEVICE_AUG_PRE_SIZE
     loader = build_pretrain_loader(device_cfg)
     augment = GpuMocoAugment(**augmentation_options(cfg)).to(device)
     return loader, cpu_loader, augment
 
 
-def speed_ratio(faster: dict[str, Any], slower: dict[str, Any]) -> dict[str, Any]:
-    """images/s of ``faster`` over ``slower``: the median of the per-round ratios (the variants ran
-    back to back in each round, so slow drifts in load cancel), and the peak-memory ratio."""
+def loader_seconds_per_batch(loader: DataLoader, batches: int, epoch: int) -> float:
+    """Mean seconds per batch of ``loader`` alone, after its first batch (worker start-up)."""
+    loader.sampler.set_epoch(epoch)
+    iterator = iter(loader)
+    next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return (time.perf_counter() - start) / batches
+
+
+def seeding_cost(
+    variants: dict[str, dict[str, Any]], results: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    """The seeded and unseeded loaders alone, alternating for ``--rounds``: medians in ms per
+    batch, and their difference as a share of the end-to-end step."""
+    seconds: dict[str, list[float]] = {"end_to_end": [], "unseeded": []}
+    for round_index in range(args.rounds):
+        order = list(seconds) if round_index % 2 == 0 else list(reversed(seconds))
+        for name in order:
+            loader = variants[name]["loader"]
+            seconds[name].append(loader_seconds_per_batch(loader, args.steps, round_index))
+    seeded, unseeded = (1000 * statistics.median(seconds[n]) for n in ("end_to_end", "unseeded"))
+    return {
+        "seeded_ms_per_batch": seeded,
+        "unseeded_ms_per_batch": unseeded,
+        "share_of_step": (seeded - unseeded) / results["end_to_end"]["step_ms"],
+    }
+
+
+def speed_ratio(variant: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """images/s of ``variant`` over ``reference``: the median of the per-round ratios (the variants
+    ran in the same rounds, so slow drifts in load cancel), and the peak-memory ratio."""
     paired = [
-        s / f
-        for f, s in zip(
-            faster["step_seconds_per_round"], slower["step_seconds_per_round"], strict=True
+        r / v
+        for v, r in zip(
+            variant["step_seconds_per_round"], reference["step_seconds_per_round"], strict=True
         )
     ]
     memory = (
-        faster["peak_memory_mib"] / slower["peak_memory_mib"]
-        if faster["peak_memory_mib"] and slower["peak_memory_mib"]
+        variant["peak_memory_mib"] / reference["peak_memory_mib"]
+        if variant["peak_memory_mib"] and reference["peak_memory_mib"]
         else None
     )
     return {
@@ -385,7 +419,8 @@ def benchmark(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
     torch.backends.cudnn.benchmark = True  # as the official main_moco.py
     torch.manual_seed(cfg.SEED)
     trainers, results = {}, {}
-    for name, spec in build_variants(cfg, args, device).items():
+    variants = build_variants(cfg, args, device)
+    for name, spec in variants.items():
         spec = {"official": False, "augment": None, **spec}
         with peak_memory(device) as peak:  # build + warm-up steps (optimizer state included)
             trainers[name] = build_runner(cfg, device=device, **spec)
@@ -406,6 +441,8 @@ def benchmark(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
         profiler = StepProfiler(trainer, device)
         results[name]["split_ms"] = profiler.run(args.rounds + 1)
     ratios = {f"{a}/{b}": speed_ratio(results[a], results[b]) for a, b in RATIOS[args.mode]}
+    if args.mode == "pipeline":
+        results["seeding"] = seeding_cost(variants, results, args)
     return {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "machine": describe_machine(device),
@@ -453,6 +490,13 @@ def format_table(report: dict[str, Any]) -> str:
             f"{pair}: {ratio['images_per_s']:.2f}x images/s (median of rounds: {rounds}), "
             f"{memory} peak memory"
         )
+    if "seeding" in report:
+        seeding = report["seeding"]
+        lines.append(
+            f"loader alone: seeded {seeding['seeded_ms_per_batch']:.1f} ms/batch, unseeded "
+            f"{seeding['unseeded_ms_per_batch']:.1f} ms/batch: seeding costs "
+            f"{100 * seeding['share_of_step']:+.2f} % of the end-to-end step"
+        )
     return "\n".join(lines)
 
 
@@ -461,7 +505,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config-file", default="", help="pretraining config (default: defaults)")
     parser.add_argument("--mode", choices=("model", "e2e", "pipeline"), default="model")
     parser.add_argument("--aug", choices=("cpu", "device"), default="cpu", help="e2e: ours' aug")
-    parser.add_argument("--pre-size", type=int, default=0, help="device aug decode size (0: 1.5x)")
+    parser.add_argument(
+        "--pre-size", type=int, default=0, help="device aug decode size (0: the config's)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=20, help="steps per round (>= 2)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (memory measured)")

@@ -12,8 +12,9 @@ VOC-, COCO-format and label-PNG data; the evaluator follows the test dataset's
 skipped, so an interrupted series is completed by rerunning the same command, and ``--trial k``
 runs one trial (e.g. as its own cluster job). A trial killed before its ``results.json`` restarts
 from iteration 0 when rerun: detectron2's checkpoints hold no sampler position or RNG state, so
-continuing one would train another trial than its seed names; ``--resume`` is therefore refused
-for training (with ``--eval-only`` it evaluates the trial's last checkpoint). At world size 1 (one GPU or ``MODEL.DEVICE cpu``)
+continuing one would train another trial than its seed names, and evaluating one would report
+a partial run; ``--resume`` is therefore refused (``--eval-only MODEL.WEIGHTS PATH`` evaluates
+any checkpoint). At world size 1 (one GPU or ``MODEL.DEVICE cpu``)
 ``SyncBN`` normalises with the batch's own statistics, as plain BN.
 
 Deviations from the official ``detection/train_net.py`` (MoCo, 78b69ca): the evaluator is chosen
@@ -293,22 +294,27 @@ def write_trial_results(
     )
 
 
-INTERRUPTED_METRICS = "metrics.interrupted.json"
-
-
-def set_aside_interrupted_attempt(output_dir: Path) -> None:
-    """A trial directory with checkpoints but no ``results.json`` holds an attempt that stopped:
-    the trial restarts from iteration 0, and the attempt's ``metrics.json`` (which detectron2
-    would append to) moves to :data:`INTERRUPTED_METRICS`."""
+def set_aside_interrupted_attempt(output_dir: Path) -> Path | None:
+    """A trial directory with a ``metrics.json`` but no ``results.json`` holds an attempt that
+    stopped: the trial restarts from iteration 0, and the attempt's ``metrics.json`` (which
+    detectron2 would append to) moves to ``metrics.interrupted_N.json``, N counting attempts.
+    Returns where it moved, or None."""
+    metrics = output_dir / "metrics.json"
+    if not metrics.is_file() or (output_dir / RESULTS_FILE).is_file():
+        return None
+    attempt = 1
+    while (output_dir / f"metrics.interrupted_{attempt}.json").exists():
+        attempt += 1
+    kept = output_dir / f"metrics.interrupted_{attempt}.json"
+    metrics.replace(kept)
     marker = output_dir / "last_checkpoint"
-    if not marker.is_file() or (output_dir / RESULTS_FILE).is_file():
-        return
+    stopped = f" (last checkpoint {marker.read_text().strip()})" if marker.is_file() else ""
     logging.getLogger("detectron2").info(
-        "an earlier attempt of this trial stopped at %s: restarting from iteration 0",
-        marker.read_text().strip(),
-    )
-    if (output_dir / "metrics.json").is_file():
-        (output_dir / "metrics.json").replace(output_dir / INTERRUPTED_METRICS)
+        "an earlier attempt of this trial stopped%s: restarting from iteration 0; its metrics are"
+        " in %s",
+        stopped, kept.name,
+    )  # fmt: skip
+    return kept
 
 
 def run_trial(args: argparse.Namespace, trial: int) -> dict[str, Any]:
@@ -321,12 +327,12 @@ def run_trial(args: argparse.Namespace, trial: int) -> dict[str, Any]:
     if args.eval_only:
         model = Trainer.build_model(cfg)
         checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-        load = partial(checkpointer.resume_or_load, cfg.MODEL.WEIGHTS, resume=args.resume)
+        load = partial(checkpointer.resume_or_load, cfg.MODEL.WEIGHTS, resume=False)
         run = partial(Trainer.test, cfg, model)
     else:
         trainer = Trainer(cfg)
         model = getattr(trainer.model, "module", trainer.model)  # unwrap DistributedDataParallel
-        load = partial(trainer.resume_or_load, resume=args.resume)
+        load = partial(trainer.resume_or_load, resume=False)
         run = trainer.train
     if cfg.MOCO.CHECK_BACKBONE_WEIGHTS:
         load_verified(model, load, weights=cfg.MODEL.WEIGHTS)
@@ -353,11 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     with exit_on_user_error("moco-transfer"):  # bad config, missing data or weights
-        if args.resume and not args.eval_only:
+        if args.resume:
             raise ValueError(
                 "--resume: detectron2 cannot continue a fine-tuning trial exactly (its checkpoints"
                 " hold no sampler position or RNG state), so an unfinished trial restarts from"
-                " iteration 0: rerun the command without --resume"
+                " iteration 0: rerun the command without --resume (to evaluate a checkpoint:"
+                " --eval-only MODEL.WEIGHTS PATH)"
             )
         args.config_file = str(resolve_config_file(args.config_file))
         cfg = build_cfg(args)
