@@ -30,12 +30,8 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path: str | Path, *, lazy: bool = False) -> dict[str, Any]:
-    """Load a checkpoint on the CPU with ``weights_only=True``: files that would run code fail.
-
-    ``lazy`` memory-maps a zip checkpoint, so reading its small entries (``config``) does not
-    read its tensors.
-    """
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint on the CPU with ``weights_only=True``: files that would run code fail."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -44,8 +40,7 @@ def load_checkpoint(path: str | Path, *, lazy: bool = False) -> dict[str, Any]:
     if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # zip, or legacy pickle
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (neither zip nor pickle)")
     try:
-        mmap = lazy and magic.startswith(b"PK\x03\x04")  # legacy pickles cannot be mapped
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"{path} holds objects that only a full unpickle can rebuild, which could run code; "

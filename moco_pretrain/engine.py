@@ -238,9 +238,12 @@ class Runner:
             "log_points": self.log_points,
         }
 
-    def resume(self, path: str | Path) -> None:
-        """Load model, optimizer, scaler, RNG, epoch and history from ``path``."""
+    def resume(self, path: str | Path, *, check_same_run: bool = False) -> None:
+        """Load model, optimizer, scaler, RNG, epoch and history from ``path``; with
+        ``check_same_run``, first refuse a checkpoint of another run (:meth:`resume_or_start`)."""
         checkpoint = load_checkpoint(path)
+        if check_same_run:
+            self._check_same_run(checkpoint, path)
         missing = [key for key in ("epoch", "state_dict", "optimizer") if key not in checkpoint]
         if missing:
             raise KeyError(f"checkpoint {path} lacks {missing}; cannot resume from it")
@@ -272,16 +275,14 @@ class Runner:
                 is loaded or written. An explicit ``path`` may start from any checkpoint.
         """
         found = None if path else auto and self.checkpointer.last_checkpoint()
-        if found:
-            self._check_same_run(found)
         if path or found:
-            self.resume(path or found)
+            self.resume(path or found, check_same_run=bool(found))
         if is_main_process() and self.checkpoint_meta.get("config"):
             config = self.checkpoint_meta["config"].encode()
             atomic_write(self.checkpointer.output_dir / "config.yaml", lambda f: f.write(config))
 
-    def _check_same_run(self, path: Path) -> None:
-        saved = load_checkpoint(path, lazy=True).get("config")
+    def _check_same_run(self, checkpoint: dict[str, Any], path: str | Path) -> None:
+        saved = checkpoint.get("config")
         current = self.checkpoint_meta.get("config")
         unread = self.task.unread_config_keys
         differences = run_differences(saved, current, unread=unread) if saved and current else []

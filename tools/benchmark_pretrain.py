@@ -252,10 +252,10 @@ def quiet_epoch(runner: Runner, epoch: int) -> None:
 
 
 def build_runner(
-    cfg: CfgNode, *, official: bool, loader, augment, device, step: Callable | None = None
+    cfg: CfgNode, *, official: bool, loader, device, step: Callable = contrastive_step
 ) -> Runner:
-    """``run_pretraining``'s model/optimizer set-up (ours) or the official one (baseline);
-    ``step`` replaces the contrastive step (behind ``augment`` when given)."""
+    """``run_pretraining``'s model/optimizer set-up (ours) or the official one (baseline),
+    training with ``step``."""
     if official:
         encoder = functools.partial(build_resnet, cfg.MODEL.ARCH, small_stem=cfg.MODEL.SMALL_STEM)
         model = OfficialMoCo(
@@ -270,10 +270,6 @@ def build_runner(
         model = prepare_model(cfg, build_moco(cfg).to(device), device)
         optimizer = build_optimizer(cfg, model)
     channels_last = device.type == "cuda" and cfg.TRAIN.CHANNELS_LAST and not official
-    if step is None:
-        step = (
-            contrastive_step if augment is None else device_augment_step(contrastive_step, augment)
-        )
     return Runner(
         Task(model, optimizer, loader, step),
         device=device,
@@ -408,8 +404,11 @@ def build_variants(
     if args.mode == "pipeline":
         return build_pipeline_variants(cfg, args, device)
     ours_loader, base_loader, augment = build_loaders(cfg, args, device)
+    ours_step = (
+        contrastive_step if augment is None else device_augment_step(contrastive_step, augment)
+    )
     return {
-        "ours": {"loader": ours_loader, "augment": augment},
+        "ours": {"loader": ours_loader, "step": ours_step},
         "baseline": {"loader": base_loader, "official": True},
     }
 
@@ -421,7 +420,7 @@ def benchmark(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
     trainers, results = {}, {}
     variants = build_variants(cfg, args, device)
     for name, spec in variants.items():
-        spec = {"official": False, "augment": None, **spec}
+        spec = {"official": False, **spec}
         with peak_memory(device) as peak:  # build + warm-up steps (optimizer state included)
             trainers[name] = build_runner(cfg, device=device, **spec)
             trainers[name].max_iters_per_epoch = args.warmup

@@ -628,7 +628,7 @@ def profile_worker(argv: list[str]) -> None:
     for variant in args.variant:
         loader = bench.build_loaders(cfg, batches, device)[0]
         trainer = bench.build_runner(
-            cfg, official=variant == "baseline", loader=loader, augment=None, device=device
+            cfg, official=variant == "baseline", loader=loader, device=device
         )
         trainer.max_iters_per_epoch = args.warmup
         bench.quiet_epoch(trainer, 0)

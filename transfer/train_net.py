@@ -294,14 +294,13 @@ def write_trial_results(
     )
 
 
-def set_aside_interrupted_attempt(output_dir: Path) -> Path | None:
+def set_aside_interrupted_attempt(output_dir: Path) -> None:
     """A trial directory with a ``metrics.json`` but no ``results.json`` holds an attempt that
     stopped: the trial restarts from iteration 0, and the attempt's ``metrics.json`` (which
-    detectron2 would append to) moves to ``metrics.interrupted_N.json``, N counting attempts.
-    Returns where it moved, or None."""
+    detectron2 would append to) moves to ``metrics.interrupted_N.json``, N counting attempts."""
     metrics = output_dir / "metrics.json"
     if not metrics.is_file() or (output_dir / RESULTS_FILE).is_file():
-        return None
+        return
     attempt = 1
     while (output_dir / f"metrics.interrupted_{attempt}.json").exists():
         attempt += 1
@@ -314,7 +313,6 @@ def set_aside_interrupted_attempt(output_dir: Path) -> Path | None:
         " in %s",
         stopped, kept.name,
     )  # fmt: skip
-    return kept
 
 
 def run_trial(args: argparse.Namespace, trial: int) -> dict[str, Any]:
