@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 from fvcore.common.config import CfgNode as CN
 
+from .data import HOLDOUT_SPLIT
+
 _C = CN()
 _C.VERSION = 1
 _C.OUTPUT_DIR = "./output/moco"  # checkpoints, config.yaml, log.txt, TensorBoard events
@@ -56,6 +58,12 @@ _C.DATA.MEAN = [0.485, 0.456, 0.406]
 _C.DATA.STD = [0.229, 0.224, 0.225]
 _C.DATA.NUM_WORKERS = 8  # per process; results do not depend on it (per-sample seeded augmentation)
 _C.DATA.MAX_SAMPLES = 0  # >0: use only the first N training samples (quick trials)
+# Class indices to keep, in every split (labels become 0..len-1 in this order); []: all. The
+# Fashion-MNIST benchmark pretrains on its source classes only (transfer.benchmark).
+_C.DATA.CLASSES = []
+# >0: N random images of TRAIN_SPLIT (after DATA.CLASSES; the same for every SEED) are held out of
+# training; VAL_SPLIT "holdout" evaluates on them, so that monitors and probes read no test image.
+_C.DATA.HOLDOUT = 0
 _C.DATA.DOWNLOAD = False  # fashion_mnist only: let torchvision download it when not installed
 
 _C.SOLVER = CN()
@@ -140,7 +148,7 @@ CHOICES = {
 # Keys that count something and need at least one of it.
 POSITIVE = ("SOLVER.BATCH_SIZE", "MODEL.K", "MODEL.BN_SPLITS")
 # Keys that count something and may be 0.
-NON_NEGATIVE = ("DATA.NUM_WORKERS",)
+NON_NEGATIVE = ("DATA.NUM_WORKERS", "DATA.HOLDOUT")
 
 
 def validate(cfg: CN, *, world_size: int | None = None, pretraining: bool = False) -> None:
@@ -162,6 +170,11 @@ def validate(cfg: CN, *, world_size: int | None = None, pretraining: bool = Fals
         value = _value(cfg, key)
         if value not in choices:
             problems.append(f"{key} is {value!r}, expected one of {choices}")
+    classes = list(cfg.DATA.CLASSES)
+    if any(not isinstance(c, int) or c < 0 for c in classes) or len(set(classes)) < len(classes):
+        problems.append(f"DATA.CLASSES is {classes}, expected distinct class indices (0 or more)")
+    if cfg.DATA.VAL_SPLIT == HOLDOUT_SPLIT and cfg.DATA.HOLDOUT < 1:
+        problems.append(f"DATA.VAL_SPLIT is {HOLDOUT_SPLIT!r} but DATA.HOLDOUT is 0 (no images)")
     if not problems:
         world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
         problems += _batch_problems(cfg, world_size, pretraining=pretraining)
@@ -282,7 +295,11 @@ def _config_errors(source: str) -> Iterator[None]:
 # The data, augmentation and model code takes plain values; these read them from the config.
 def dataset_options(cfg: CN) -> dict[str, Any]:
     """``DATA.*`` as the arguments of :func:`moco_pretrain.data.build_dataset`."""
-    return {"name": cfg.DATA.NAME, "root": cfg.DATA.ROOT, "download": cfg.DATA.DOWNLOAD}
+    return {
+        "name": cfg.DATA.NAME, "root": cfg.DATA.ROOT, "download": cfg.DATA.DOWNLOAD,
+        "classes": tuple(cfg.DATA.CLASSES), "holdout": cfg.DATA.HOLDOUT,
+        "train_split": cfg.DATA.TRAIN_SPLIT,
+    }  # fmt: skip
 
 
 def augmentation_options(cfg: CN) -> dict[str, Any]:

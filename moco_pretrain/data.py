@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +23,8 @@ from PIL import Image, ImageFilter
 from torch.utils.data import Dataset, DistributedSampler, Sampler, Subset
 from torchvision import datasets, transforms
 
+# DATA.VAL_SPLIT naming the images DATA.HOLDOUT sets aside from the training split.
+HOLDOUT_SPLIT = "holdout"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -226,6 +229,47 @@ def fashion_mnist_root(root: str, *, download: bool = False) -> Path:
     return cache / "FashionMNIST" / "raw"
 
 
+class Selection(Dataset):
+    """The samples ``indices`` of ``dataset``; with ``classes`` (indices into
+    ``dataset.classes``), labels renumbered to positions in ``classes``, so that a classifier
+    over the selected classes has ``len(classes)`` outputs."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], classes: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+        self.label_of = {c: i for i, c in enumerate(classes)} if classes else None
+        self.classes = [dataset.classes[c] for c in classes] if classes else list(dataset.classes)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        sample, target = self.dataset[self.indices[index]]
+        return sample, (self.label_of[target] if self.label_of else target)
+
+
+def _select(dataset: Dataset, *, classes: Sequence[int], holdout: int, part: str) -> Dataset:
+    """The images of ``classes`` (all when empty), then of those ``holdout`` drawn at random with
+    a fixed seed, whatever the run's ``SEED`` (``part`` "holdout"), or all but them ("train");
+    both in stored order. Random, not the last ones: an image folder is sorted by class."""
+    targets = np.asarray(dataset.targets)
+    for c in classes:
+        if not 0 <= c < len(dataset.classes):
+            raise ValueError(
+                f"DATA.CLASSES holds {c}, not a class index of this data set (0 to"
+                f" {len(dataset.classes) - 1}: {', '.join(dataset.classes)})"
+            )
+    indices = np.flatnonzero(np.isin(targets, classes)) if classes else np.arange(len(targets))
+    if holdout >= len(indices):
+        raise ValueError(
+            f"DATA.HOLDOUT {holdout} leaves none of the {len(indices)} training images"
+        )
+    if holdout:
+        held = np.zeros(len(indices), dtype=bool)
+        held[np.random.default_rng(0).permutation(len(indices))[:holdout]] = True
+        indices = indices[held] if part == HOLDOUT_SPLIT else indices[~held]
+    return Selection(dataset, indices.tolist(), classes)
+
+
 def build_dataset(
     name: str,
     root: str,
@@ -234,20 +278,37 @@ def build_dataset(
     transform: Callable | None,
     download: bool = False,
     grey_arrays: bool = False,
+    classes: Sequence[int] = (),
+    holdout: int = 0,
+    train_split: str = "train",
 ) -> Dataset:
     """The ``split`` of dataset ``name`` (``DATA.NAME``) under ``root`` (``DATA.ROOT``); a missing
     or empty folder fails here, early. ``grey_arrays``: a data set held in memory as grey arrays
-    (Fashion-MNIST) passes them to ``transform`` as they are; the others pass PIL images."""
+    (Fashion-MNIST) passes them to ``transform`` as they are; the others pass PIL images.
+
+    ``classes`` (``DATA.CLASSES``) keeps only those classes' images, labelled ``0..len-1`` in
+    that order. ``holdout`` (``DATA.HOLDOUT``) sets aside ``holdout`` random images of
+    ``train_split`` (after the class selection; the same ones for every seed): ``train_split``
+    no longer holds them, and the split :data:`HOLDOUT_SPLIT` is them (validation without the
+    test images)."""
+    stored = train_split if split == HOLDOUT_SPLIT else split
     if name == "fashion_mnist":
-        return FashionMNIST(
-            fashion_mnist_root(root, download=download), split=split, transform=transform,
+        dataset = FashionMNIST(
+            fashion_mnist_root(root, download=download), split=stored, transform=transform,
             arrays=grey_arrays,
         )  # fmt: skip
-    if name == "imagefolder":
+    elif name == "imagefolder":
         if not root:
             raise ValueError("DATA.ROOT is empty: give the folder holding the image splits")
-        return RobustImageFolder(Path(root) / split, transform=transform)
-    raise ValueError(f"unknown DATA.NAME {name!r} ('imagefolder' or 'fashion_mnist')")
+        dataset = RobustImageFolder(Path(root) / stored, transform=transform)
+    else:
+        raise ValueError(f"unknown DATA.NAME {name!r} ('imagefolder' or 'fashion_mnist')")
+    if split == HOLDOUT_SPLIT and not holdout:
+        raise ValueError(f"split {HOLDOUT_SPLIT!r} needs DATA.HOLDOUT > 0 (held-out images)")
+    if not classes and not (holdout and stored == train_split):
+        return dataset
+    return _select(dataset, classes=classes, holdout=holdout if stored == train_split else 0,
+                   part=split)  # fmt: skip
 
 
 def limit_samples(dataset: Dataset, max_samples: int) -> Dataset:
@@ -257,9 +318,10 @@ def limit_samples(dataset: Dataset, max_samples: int) -> Dataset:
     return Subset(dataset, range(max_samples))
 
 
-def _innermost(dataset: Dataset) -> Dataset:
-    """The dataset under any :class:`Subset` and :class:`SeededSamples` wrappers."""
-    while isinstance(dataset, (Subset, SeededSamples)):
+def _innermost(dataset: Dataset, wrappers: tuple[type, ...] | None = None) -> Dataset:
+    """The dataset under any :class:`Subset`, :class:`SeededSamples` and :class:`Selection`
+    wrappers (or only ``wrappers``)."""
+    while isinstance(dataset, wrappers or (Subset, SeededSamples, Selection)):
         dataset = dataset.dataset
     return dataset
 
@@ -270,7 +332,30 @@ def num_skipped_images(dataset: Dataset) -> int:
 
 
 def num_classes_of(dataset: Dataset) -> int:
-    return len(_innermost(dataset).classes)
+    """Classes of ``dataset``: those of its :class:`Selection`, if it is one."""
+    return len(_innermost(dataset, (Subset, SeededSamples)).classes)
+
+
+def image_ids(dataset: Dataset) -> list[int]:
+    """The indices, in the stored split, of the images ``dataset`` yields (through
+    :class:`Subset`, :class:`Selection` and :class:`SeededSamples`)."""
+    if isinstance(dataset, SeededSamples):
+        return image_ids(dataset.dataset)
+    if isinstance(dataset, (Subset, Selection)):
+        inner = image_ids(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    return list(range(len(dataset)))
+
+
+def data_record(dataset: Dataset, *, name: str, split: str) -> dict[str, Any]:
+    """What a run trained on: the data set and split, its classes, the number of images and the
+    SHA-256 of their ids (``image_ids``, comma-separated), to prove two image sets disjoint or
+    equal from the records alone."""
+    ids = image_ids(dataset)
+    digest = hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
+    classes = list(_innermost(dataset, (Subset, SeededSamples)).classes)
+    return {"name": name, "split": split, "classes": classes, "images": len(ids),
+            "images_sha256": digest}  # fmt: skip
 
 
 # ------------------------------------------------------------------ seeded samples

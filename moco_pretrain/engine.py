@@ -34,6 +34,7 @@ from .checkpoint import (
     without_ddp_prefix,
 )
 from .config import run_differences
+from .data import data_record
 from .distributed import (
     all_reduce_mean,
     get_world_size,
@@ -210,7 +211,13 @@ class Runner:
             epochs=cfg.SOLVER.EPOCHS,
             lr_at_epoch=schedule,
             checkpointer=Checkpointer(cfg.OUTPUT_DIR, keep_last=cfg.TRAIN.KEEP_LAST),
-            checkpoint_meta={"arch": cfg.MODEL.ARCH, "config": cfg.dump()},
+            checkpoint_meta={
+                "arch": cfg.MODEL.ARCH,
+                "config": cfg.dump(),
+                "data": data_record(
+                    task.loader.dataset, name=cfg.DATA.NAME, split=cfg.DATA.TRAIN_SPLIT
+                ),
+            },  # fmt: skip
             amp_dtype=AMP_DTYPES[cfg.TRAIN.AMP_DTYPE],
             channels_last=device.type == "cuda" and cfg.TRAIN.CHANNELS_LAST,
             log_period=cfg.TRAIN.LOG_PERIOD,
@@ -233,6 +240,7 @@ class Runner:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "config": self.checkpoint_meta.get("config", ""),
+            "data": self.checkpoint_meta.get("data", {}),
             "rng": capture_rng_state(),
             "history": self.history,
             "log_points": self.log_points,

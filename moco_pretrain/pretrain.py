@@ -186,6 +186,7 @@ def run_pretraining(cfg: CfgNode, *, resume: str | None = None) -> dict[str, Any
         "iterations": runner.log_points,
         "train_seconds": sum(h["seconds"] for h in runner.history),
         "skipped_images": num_skipped_images(task.loader.dataset),
+        "data": runner.checkpoint_meta["data"],
     }
     if cfg.KNN.FINAL:  # the learned and a random-init encoder, on the same features
         torch.manual_seed(cfg.SEED)

@@ -1,4 +1,4 @@
-"""The supervised upper bound: the same ResNet trained from random init with labels.
+"""Supervised pretraining: the same ResNet trained from random init with labels.
 
 Same data, transforms and engine as linear classification (:mod:`moco_pretrain.lincls`), but every
 layer trains (BN in training mode) and there is no pretrained checkpoint. Reports the classifier's
@@ -75,7 +75,10 @@ def run_supervised(cfg: CfgNode) -> dict[str, Any]:
     knn, bank_size = knn_metrics_of(backbone_of_classifier(task.model, cfg), cfg, device)
     metrics["knn_top1"] = knn["top1"]
     logger.info("supervised: top-1 %.2f %%, kNN top-1 %.2f %%", metrics["top1"], knn["top1"])
-    extra = {"epochs": runner.history, "k": cfg.KNN.NEIGHBORS, "temperature": cfg.KNN.TEMPERATURE}
+    extra = {
+        "epochs": runner.history, "k": cfg.KNN.NEIGHBORS, "temperature": cfg.KNN.TEMPERATURE,
+        "data": runner.checkpoint_meta["data"],
+    }  # fmt: skip
     if is_main_process():
         write_task_results(cfg, task="supervised", metrics=metrics, **extra)
     return {"task": "supervised", "metrics": metrics, "bank_size": bank_size, **extra}

@@ -65,6 +65,13 @@ def test_recipe_that_is_not_a_mapping_is_named(tmp_path, text, got):
             ["SOLVER.LR_SCHEDULE", "cosine"],
             "SOLVER.LR_SCHEDULE is 'cosine', expected one of ('step', 'cos')",
         ),  # fmt: skip
+        (["DATA.CLASSES", "[1, 1]"], "DATA.CLASSES is [1, 1], expected distinct class indices"),
+        (["DATA.CLASSES", "[-1]"], "DATA.CLASSES is [-1], expected distinct class indices"),
+        (["DATA.HOLDOUT", "-5"], "DATA.HOLDOUT is -5, expected 0 or more"),
+        (
+            ["DATA.VAL_SPLIT", "holdout"],
+            "DATA.VAL_SPLIT is 'holdout' but DATA.HOLDOUT is 0 (no images)",
+        ),  # fmt: skip
         (
             ["TRAIN.AMP_DTYPE", "fp8"],
             "TRAIN.AMP_DTYPE is 'fp8', expected one of ('bf16', 'fp16', '')",
@@ -74,7 +81,7 @@ def test_recipe_that_is_not_a_mapping_is_named(tmp_path, text, got):
 def test_values_that_cannot_run_are_rejected_on_loading(overrides, problem):
     with pytest.raises(ValueError) as error:
         setup_cfg("pretrain/moco_v2_cpu_trial.yaml", overrides)
-    assert str(error.value) == f"invalid config: {problem}"
+    assert str(error.value).startswith(f"invalid config: {problem}")
 
 
 @pytest.mark.parametrize(

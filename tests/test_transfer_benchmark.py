@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shlex
 from pathlib import Path
@@ -11,22 +12,27 @@ import pytest
 import torch
 import torchvision
 
+from moco_pretrain.data import FashionMNIST
 from transfer import benchmark
 
 SMALL_RUN = shlex.join([
     "SOLVER.EPOCHS", "1", "SOLVER.BATCH_SIZE", "16", "MODEL.BN_SPLITS", "2",
-    "DATA.NUM_WORKERS", "0", "KNN.BATCH_SIZE_PER_PROCESS", "40", "KNN.NEIGHBORS", "20",
+    "DATA.NUM_WORKERS", "0", "DATA.HOLDOUT", "8", "KNN.BATCH_SIZE_PER_PROCESS", "40",
+    "KNN.NEIGHBORS", "20",
 ])  # fmt: skip
 TINY_FINE_TUNE = [
     "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "0",
     "SOLVER.IMS_PER_BATCH", "2", "TEST.PRECISE_BN.NUM_ITER", "1",
 ]  # fmt: skip
+SOURCE = ["T-shirt/top", "Pullover", "Coat", "Shirt", "Bag"]  # the default partition
+TARGET = ["Trouser", "Dress", "Sandal", "Sneaker", "Ankle boot"]
 
 
 def argv(data: Path, work: Path, *extra: str) -> list[str]:
+    # tiny data: 8 training images per class, 40 per partition side
     return [
-        "--work-dir", str(work), "--data-root", str(data), "--labelled", "40",
-        "--val-garments", "20", "--test-garments", "20", "--pretrain-opts", SMALL_RUN,
+        "--work-dir", str(work), "--data-root", str(data), "--labelled", "20",
+        "--val-garments", "10", "--test-garments", "10", "--pretrain-opts", SMALL_RUN,
         "--supervised-opts", SMALL_RUN, *extra,
     ]  # fmt: skip
 
@@ -47,48 +53,99 @@ def test_the_long_schedule_scales_iterations_and_lr_steps_of_the_config_and_over
     ]  # fmt: skip
 
 
+def pretraining_ids(data: Path, classes: str) -> set[int]:
+    """The training-image ids a source-class run of the demo recipe trains on (holdout aside)."""
+    from moco_pretrain.config import dataset_options, setup_cfg
+    from moco_pretrain.data import build_dataset, image_ids
+
+    cfg = setup_cfg(benchmark.PRETRAIN_RECIPE, ["DATA.ROOT", str(data), "DATA.CLASSES", classes,
+                                                *shlex.split(SMALL_RUN)])  # fmt: skip
+    return set(image_ids(build_dataset(**dataset_options(cfg), split="train", transform=None)))
+
+
 def test_every_step_runs_reports_and_a_rerun_trains_nothing(tiny_fashion_mnist, tmp_path, capsys):
     pytest.importorskip("detectron2")
     work = tmp_path / "work"
-    args = argv(tiny_fashion_mnist, work, "--trials", "2", "--schedules", "long",
-                "--eval-split", "val", *TINY_FINE_TUNE)  # fmt: skip
+    args = argv(tiny_fashion_mnist, work, "--pretrain-seeds", "2", "--eval-split", "val",
+                *TINY_FINE_TUNE)  # fmt: skip
     benchmark.main(args)
     out = capsys.readouterr().out
     assert "kNN top-1: MoCo" in out and "linear probe top-1: MoCo" in out
 
-    schedule, iterations = "long-val", 6  # 2 iterations in the config x 3
+    schedule = "short-val"
     report = read_report(work / "report" / schedule / "report.csv")
-    for init in benchmark.ROWS:
-        trials = sorted((work / "det" / schedule / init).glob("trial_*/results.json"))
-        assert len(trials) == 2
-        metrics = [json.loads(path.read_text())["metrics"] for path in trials]
+    runs = {
+        "moco": [(f"seed_{s}/trial_0", work / f"weights/moco_seed{s}.pkl", 0) for s in (0, 1)],
+        "sup": [(f"seed_{s}/trial_0", work / f"weights/sup_seed{s}.pkl", 0) for s in (0, 1)],
+        "random": [(f"trial_{k}", "", k) for k in (0, 1)],  # as many trials as a pretrained row
+    }
+    for row, expected in runs.items():
+        found = sorted((work / "det" / schedule / row).rglob("results.json"))
+        assert [p.parent.relative_to(work / "det" / schedule / row).as_posix() for p in found] == [
+            e[0] for e in expected
+        ]
+        metrics = [json.loads(path.read_text())["metrics"] for path in found]
         for metric in ("bbox/AP", "segm/AP"):  # a toy model can predict nothing: then no AP
             n = sum(metric in m for m in metrics)
-            assert report.get((benchmark.ROWS[init], metric), {"n": "0"})["n"] == str(n)
-        for trial, path in enumerate(trials):
+            label = benchmark.ROWS[row][0]
+            if n:
+                assert sum(int(r["n"]) for (lbl, m), r in report.items()
+                           if lbl.startswith(label) and m == metric) == n  # fmt: skip
+        for path, (_, weights, seed) in zip(found, expected, strict=True):
             result = json.loads(path.read_text())
             config = result["config"]
-            assert result["init"] == {"sup": "supervised"}.get(init, init)
-            assert result["seed"] == trial
-            assert config["SOLVER"]["MAX_ITER"] == iterations
+            assert result["init"] == benchmark.ROWS[row][2]
+            assert result["seed"] == seed
+            assert result["partition"] == {"source": SOURCE, "target": TARGET}
+            assert config["SOLVER"]["MAX_ITER"] == 2
+            assert config["MODEL"]["ROI_HEADS"]["NUM_CLASSES"] == 5
             assert config["DATASETS"]["TEST"] == ["fashion_scenes_val"]
-            weights = {
-                "sup": work / "weights/supervised.pkl",
-                "moco": work / "weights/moco.pkl",
-            }
-            assert config["MODEL"]["WEIGHTS"] == str(weights.get(init, ""))
+            assert config["MODEL"]["WEIGHTS"] == str(weights)
+    for s in (0, 1):  # the pretraining seeds are the runs' SEEDs
+        assert f"SEED: {s}\n" in (work / "moco" / f"seed_{s}" / "config.yaml").read_text()
     seconds = json.loads((work / "benchmark.json").read_text())["seconds"]
-    assert {"scenes", "pretrain", "supervised", "fine_tune/long-val/moco"} <= seconds.keys()
+    assert {
+        "scenes",
+        "pretrain/seed_1",
+        "supervised/seed_1",
+        "fine_tune/short-val/moco",
+    } <= seconds.keys()
 
     finished = {
         p: p.stat().st_mtime_ns for p in work.rglob("*") if p.suffix in (".json", ".pkl", ".tar")
     }
-    report = (work / "report" / "long-val" / "report.md").read_text()
+    report = (work / "report" / schedule / "report.md").read_text()
     benchmark.main(args)
     rerun = {p: p.stat().st_mtime_ns for p in finished}
     unchanged = {p for p in finished if rerun[p] == finished[p]}
     assert unchanged == {p for p in finished if p.name != "benchmark.json"}  # nothing retrained
-    assert (work / "report" / "long-val" / "report.md").read_text() == report
+    assert (work / "report" / schedule / "report.md").read_text() == report
+
+
+def test_no_scene_garment_is_in_any_pretraining_set(tiny_fashion_mnist, tmp_path):
+    """The class-disjoint protocol, from the records the runs leave: the pretrained rows trained
+    on source-class images only, the scenes hold target-class garments only, and the ids and
+    digests agree."""
+    pytest.importorskip("detectron2")
+    work = tmp_path / "work"
+    benchmark.main(argv(tiny_fashion_mnist, work, *TINY_FINE_TUNE))
+    scenes = json.loads((work / "scenes" / "summary.json").read_text())
+    assert scenes["classes"] == TARGET
+    for split in ("train", "val", "test"):
+        coco = json.loads((work / "scenes" / f"{split}.json").read_text())
+        assert [c["name"] for c in coco["categories"]] == TARGET
+    garments = {*scenes["sources"]["train_labelled_indices"], *scenes["sources"]["val_indices"]}
+    ids = pretraining_ids(tiny_fashion_mnist, "[0, 2, 4, 6, 8]")
+    assert len(ids) == 32 and not ids & garments  # 5 classes x 8, the 8 held out aside
+    labels = FashionMNIST(tiny_fashion_mnist, split="train").targets.tolist()
+    assert {labels[i] for i in ids} == {0, 2, 4, 6, 8}
+    assert {labels[i] for i in garments} == {1, 3, 5, 7, 9}
+    digest = hashlib.sha256(",".join(map(str, sorted(ids))).encode()).hexdigest()
+    moco = json.loads((work / "moco" / "seed_0" / "summary.json").read_text())["data"]
+    supervised = json.loads((work / "supervised" / "seed_0" / "results.json").read_text())["data"]
+    for record in (moco, supervised):
+        assert record["classes"] == SOURCE and record["images"] == 32
+        assert record["images_sha256"] == digest
 
 
 @pytest.mark.slow
@@ -104,12 +161,13 @@ def test_the_segmentation_and_keypoint_variants_run_on_the_same_backbones(
     assert not (work / "det").exists()  # the detection rows were not run
     for task, metric, test_set in (("sem_seg", "sem_seg/mIoU", "fashion_scenes_sem_seg_test"),
                                    ("keypoints", "bbox/AP", "fashion_scenes_keypoints_test")):  # fmt: skip
-        for init in benchmark.ROWS:
-            result = json.loads((work / task / "short" / init / "trial_0/results.json").read_text())
+        for row in benchmark.ROWS:
+            trial = "trial_0" if row == "random" else "seed_0/trial_0"
+            result = json.loads((work / task / "short" / row / trial / "results.json").read_text())
             assert result["config"]["DATASETS"]["TEST"] == [test_set]
             assert result["task"] == ("sem_seg" if task == "sem_seg" else "detection")
         report = read_report(work / "report" / task / "short" / "report.csv")
-        assert report[(benchmark.ROWS["moco"], metric)]["n"] == "1"
+        assert report[(benchmark.ROWS["moco"][0], metric)]["n"] == "1"
 
 
 def test_scene_options_register_each_variant_and_build_its_labels(tiny_fashion_mnist, tmp_path):
@@ -119,22 +177,22 @@ def test_scene_options_register_each_variant_and_build_its_labels(tiny_fashion_m
     build_fashion_scenes(scenes, root=tiny_fashion_mnist, num_labelled=20, num_val=10, num_test=10)
     options = scene_options("sem_seg", scenes, "val")
     assert options[::2] == [
-        "MOCO.DATASETS.SEM_SEG", "MOCO.DATASETS.SEM_SEG_CLASSES", "DATASETS.TEST"
+        "MOCO.DATASETS.SEM_SEG", "MOCO.DATASETS.SEM_SEG_CLASSES", "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+        "DATASETS.TEST",
     ]  # fmt: skip
     assert options[1] == str([
         (f"fashion_scenes_sem_seg_{s}", str(scenes / s), str(scenes / f"{s}_sem_seg"), "")
         for s in ("train", "val", "test")
     ])  # fmt: skip
-    assert options[3].startswith("['background', 'T-shirt/top'") and options[5] == (
-        "('fashion_scenes_sem_seg_val',)"
-    )
+    assert options[3].startswith("['background', 'T-shirt/top'") and options[5] == "11"
+    assert options[7] == "('fashion_scenes_sem_seg_val',)"
     assert len(list((scenes / "val_sem_seg").glob("*.png"))) == len(
         list((scenes / "val").glob("*.png"))
     )
     options = scene_options("keypoints", scenes, "test")
     assert options[4:] == [
-        "MOCO.DATASETS.KEYPOINT_FLIP_MAP", "[['left', 'right']]",
-        "DATASETS.TEST", "('fashion_scenes_keypoints_test',)",
+        "MOCO.DATASETS.KEYPOINT_FLIP_MAP", "[['left', 'right']]", "MODEL.ROI_HEADS.NUM_CLASSES",
+        "10", "DATASETS.TEST", "('fashion_scenes_keypoints_test',)",
     ]  # fmt: skip
     assert options[:4] == [
         "MOCO.DATASETS.COCO",
@@ -158,7 +216,7 @@ def test_without_detectron2_pretrains_probes_and_says_how_to_install(
         "moco-benchmark: detectron2 is not installed, so the detection benchmark did not run;"
         f" install it with: {benchmark.DETECTRON2_INSTALL}"
     ]
-    summary = json.loads((tmp_path / "moco" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "moco" / "seed_0" / "summary.json").read_text())
     assert f"kNN top-1: MoCo {summary['knn_top1']:.2f} %" in "\n".join(lines)
     assert not (tmp_path / "det").exists() and not (tmp_path / "supervised").exists()
 
@@ -185,15 +243,57 @@ def test_a_checkpoint_of_another_architecture_is_one_line(tiny_fashion_mnist, tm
     args = argv(tiny_fashion_mnist, tmp_path / "work", "--pretrained", str(checkpoint))
     err = error_line(capsys, args)
     assert err.startswith("moco-benchmark: error: ") and "resnet18" in err
-    assert not (tmp_path / "work" / "weights" / "moco.pkl").exists()
+    assert not (tmp_path / "work" / "weights" / "moco_seed0.pkl").exists()
 
 
 def test_scenes_of_other_counts_in_the_work_dir_are_refused(tiny_fashion_mnist, tmp_path, capsys):
     pytest.importorskip("detectron2")
     from transfer.scenes import build_fashion_scenes
 
-    build_fashion_scenes(tmp_path / "scenes", root=tiny_fashion_mnist, num_labelled=20,
-                         num_val=20, num_test=20)  # fmt: skip
+    build_fashion_scenes(tmp_path / "scenes", root=tiny_fashion_mnist, num_labelled=10,
+                         num_val=10, num_test=10, classes=(1, 3, 5, 7, 9))  # fmt: skip
     err = error_line(capsys, argv(tiny_fashion_mnist, tmp_path))
     assert err.startswith(f"moco-benchmark: error: {tmp_path / 'scenes'} holds scenes built with")
     assert "choose another --work-dir" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--source-classes", "0,2,Jacket"],
+            "--source-classes: 'Jacket' is not a Fashion-MNIST class",
+        ),
+        (["--target-classes", "1,12"], "--target-classes: '12' is not a Fashion-MNIST class"),
+        (["--target-classes", "1,trouser"], "--target-classes: class 'trouser' is named twice"),
+        (["--target-classes", "1,3,Coat"], "--source-classes and --target-classes share ['Coat']"),
+        (["--pretrain-seeds", "0"], "--pretrain-seeds must be at least 1, got 0"),
+        (["--trials", "0"], "--trials must be at least 1, got 0"),
+        (
+            ["MOCO.PRIMARY_METRIC", "keypoints/AP"],
+            "MOCO.PRIMARY_METRIC 'keypoints/AP' is not a metric this task reports",
+        ),
+    ],
+)
+def test_bad_partitions_counts_and_metrics_are_one_line_and_write_nothing(
+    tiny_fashion_mnist, tmp_path, capsys, extra, message
+):
+    if extra[0].startswith("MOCO."):
+        pytest.importorskip("detectron2")
+    err = error_line(capsys, argv(tiny_fashion_mnist, tmp_path / "work", *extra))
+    assert err.startswith(f"moco-benchmark: error: {message}")
+    assert not (tmp_path / "work").exists()
+
+
+def test_another_partition_in_the_same_work_dir_is_refused(tiny_fashion_mnist, tmp_path, capsys):
+    work = tmp_path / "work"
+    benchmark.check_partition(
+        work.parent, benchmark.partition_of(benchmark.build_parser().parse_args([]))
+    )
+    recorded = (work.parent / benchmark.PARTITION_FILE).read_bytes()
+    swapped = ["--source-classes", "1,3,5,7,9", "--target-classes", "0,2,4,6,8"]
+    err = error_line(capsys, argv(tiny_fashion_mnist, work.parent, *swapped))
+    assert err.startswith(
+        f"moco-benchmark: error: {work.parent} holds runs of the partition source"
+    )
+    assert (work.parent / benchmark.PARTITION_FILE).read_bytes() == recorded

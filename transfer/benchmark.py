@@ -1,31 +1,42 @@
-"""``moco-benchmark``: the transfer benchmark on Fashion-MNIST scenes, end to end, in one command.
+"""``moco-benchmark``: the class-disjoint transfer benchmark on Fashion-MNIST scenes, in one command.
 
-    moco-benchmark                                   # quick start: 1 trial, short schedule
-    moco-benchmark --trials 3 --schedules short long # the committed study (results/fashion_scenes)
+    moco-benchmark                    # quick start: 1 pretraining seed, 1 trial, short schedule
+    moco-benchmark --pretrain-seeds 3 --trials 3 --controls --epoch-curve 1 2 5 10
+                                      # the committed study (results/fashion_scenes_disjoint)
 
-The MoCo paper's Table 2 protocol, done small: one backbone per initialisation, the same Mask
-R-CNN R18-FPN fine-tuned from each (``detection/fashion_scenes_R_18_FPN_{sup,moco,random}.yaml``),
-several trials, box and mask AP on held-out scenes, mean ± std and differences. Steps, each read
-back when its output exists, so an interrupted run resumes where it stopped:
+The MoCo paper's transfer protocol done small and, as in the paper (ImageNet to VOC and COCO),
+class-disjoint: the ten Fashion-MNIST classes are split into *source* classes (default: the even
+class indices, T-shirt/top, Pullover, Coat, Shirt, Bag) and *target* classes (the odd ones,
+Trouser, Dress, Sandal, Sneaker, Ankle boot). Both pretrained rows learn from source-class
+training images only, MoCo v2 without labels and the supervised ResNet-18 with the source labels;
+the detector learns the target classes on scenes built from target-class garments only (clutter
+included), so no scene pixel comes from a pretraining image. Steps, each read back when its
+output exists, so an interrupted run resumes where it stopped:
 
-1. the scenes (:mod:`transfer.scenes`): train/val from 1,300 labelled training garments, test from
-   the test set, COCO format;
-2. MoCo v2 on the 60k training images without labels (``pretrain/fashion_mnist_demo.yaml``, with
-   its kNN and linear probe of MoCo vs random-init features), or ``--pretrained CKPT``;
-3. the supervised baseline: the same ResNet-18 trained with the 60k labels for as many epochs
-   (``supervised/fashion_mnist.yaml``, 2 epochs);
-4. ``moco-convert`` of both;
-5. ``moco-transfer`` per initialisation, schedule and trial (``--eval-split val`` evaluates on the
-   validation scenes instead, for choosing settings without looking at the test scenes);
-6. ``moco-report`` per schedule: table, CSV and chart.
+1. the scenes of the target classes (:mod:`transfer.scenes`), COCO format;
+2. per pretraining seed, MoCo v2 on the source images (``pretrain/fashion_mnist_demo.yaml``; its
+   kNN and linear probe, MoCo vs random-init features, on held-out source training images), or
+   ``--pretrained CKPT``;
+3. per pretraining seed, the supervised ResNet-18 on the source labels
+   (``supervised/fashion_mnist.yaml``, as many epochs as MoCo);
+4. with ``--controls``, per pretraining seed: random init with BN statistics calibrated on the
+   source images (:mod:`moco_pretrain.controls`), and MoCo v2 with m = 0;
+5. ``moco-convert`` of every backbone;
+6. ``moco-transfer``: every backbone fine-tuned with the trial seeds ``0..trials-1`` (the same
+   seeds for every backbone), random init with ``pretrain-seeds x trials`` seeds;
+   ``--schedules long`` fine-tunes the first pretraining seed's MoCo and supervised backbones and
+   random init (``trials`` seeds) for 3x the iterations;
+7. with ``--epoch-curve E ...``, one MoCo run of max(E) epochs (seed 0) whose checkpoints at those
+   epochs are fine-tuned with the trial seeds;
+8. ``moco-report`` per schedule, and ``ap_vs_epochs.png`` next to the short schedule's report.
 
-``--task sem_seg`` fine-tunes the paper's FCN on the scenes' per-pixel labels instead
+``--eval-split val`` scores the validation scenes instead of the test scenes (for choosing
+settings). ``--task sem_seg`` fine-tunes the paper's FCN on the scenes' per-pixel labels instead
 (``segmentation/fashion_scenes_R_18_FCN_*.yaml``, mIoU), ``--task keypoints`` Keypoint R-CNN on
-each garment's extreme points (``detection/fashion_scenes_R_18_FPN_keypoint_*.yaml``, keypoint
-AP); runs and reports go to ``<task>/<schedule>/`` and ``report/<task>/<schedule>/``.
-
-Without detectron2 it runs step 2, prints the feature-level comparison and how to install
-detectron2. ``KEY VALUE`` pairs after the options go to every fine-tune.
+each garment's extreme points (keypoint AP); runs and reports go to ``<task>/<schedule>/`` and
+``report/<task>/<schedule>/``. Without detectron2 it runs step 2, prints the feature-level
+comparison and how to install detectron2. ``KEY VALUE`` pairs after the options go to every
+fine-tune.
 """
 
 from __future__ import annotations
@@ -33,7 +44,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,21 +55,25 @@ from typing import Any
 from moco_pretrain.checkpoint import Checkpointer
 from moco_pretrain.commandline import exit_on_user_error
 from moco_pretrain.config import resolve_config_file, setup_cfg
-from moco_pretrain.data import FASHION_MNIST_DIR
-from moco_pretrain.files import atomic_write_json
+from moco_pretrain.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
+from moco_pretrain.files import atomic_write, atomic_write_json
 from moco_pretrain.pretrain import feature_comparison, run_pretraining
-from moco_pretrain.results import RESULTS_FILE
+from moco_pretrain.results import RESULTS_FILE, read_results
 from moco_pretrain.weights import load_backbone_state_dict
 
 from . import report
 from .convert import convert_to_detectron2, write_detectron2_pkl
-from .scenes import SUMMARY_FILE, build_fashion_scenes, scene_options
+from .scenes import SUMMARY_FILE, build_fashion_scenes, scene_classes, scene_options
 
 PRETRAIN_RECIPE = "pretrain/fashion_mnist_demo.yaml"
 SUPERVISED_RECIPE = "supervised/fashion_mnist.yaml"
-# The recipe's 3 epochs cut to the MoCo demo's 2: the same passes over the 60k images for both
-# pretrained rows, and the quick start within its 25-minute budget on 2 cores.
+# The recipe's 3 epochs cut to the MoCo demo's 2: the same passes over the source images for both
+# pretrained rows.
 SUPERVISED_EPOCHS = ["SOLVER.EPOCHS", "2"]
+# The fixed partition: source = even class indices, target = odd (a rule, not a choice made on
+# results); the committed study also runs the swapped partition.
+DEFAULT_SOURCE = "0,2,4,6,8"
+DEFAULT_TARGET = "1,3,5,7,9"
 # Per task: the fine-tuning recipe and the folder name of its runs and reports.
 RECIPES = {
     "detection": "detection/fashion_scenes_R_18_FPN_{init}.yaml",  # box and mask AP
@@ -65,8 +82,18 @@ RECIPES = {
 }
 TASK_DIRS = {"detection": "det", "sem_seg": "sem_seg", "keypoints": "keypoints"}
 ARCH = "resnet18"
-ROWS = {"sup": "supervised", "moco": "MoCo v2", "random": "random init"}  # config suffix: label
+# Row folder: (label, config suffix, MOCO.INIT). The controls fine-tune with the MoCo recipe.
+ROWS = {
+    "moco": ("MoCo v2", "moco", "moco"),
+    "sup": ("supervised", "sup", "supervised"),
+    "random": ("random init", "random", "random"),
+}
+CONTROL_ROWS = {
+    "random_bn": ("random init, BN calibrated (control)", "moco", "random-bn"),
+    "moco_m0": ("MoCo v2, m 0 (control)", "moco", "moco"),  # labels hold no "="
+}
 SCHEDULES = {"short": 1, "long": 3}  # factor on the config's SOLVER.MAX_ITER and SOLVER.STEPS
+PARTITION_FILE = "partition.json"
 DETECTRON2_INSTALL = (
     "pip install 'setuptools<81' && pip install --no-build-isolation "
     "'git+https://github.com/facebookresearch/detectron2.git'"
@@ -91,23 +118,78 @@ class Timer:
             atomic_write_json(self.path, self.record)
 
 
-def pretrain(work: Path, opts: list[str], timer: Timer) -> dict[str, Any]:
-    out = work / "moco"
+def parse_classes(text: str, option: str) -> list[int]:
+    """Fashion-MNIST class indices from ``"1,3,5"`` or names (``"Trouser,Dress"``, any case)."""
+    by_name = {name.lower(): i for i, name in enumerate(FASHION_MNIST_CLASSES)}
+    classes: list[int] = []
+    for item in (part.strip() for part in text.split(",")):
+        index = int(item) if item.isdigit() else by_name.get(item.lower())
+        if index is None or not 0 <= index < len(FASHION_MNIST_CLASSES):
+            raise ValueError(
+                f"{option}: {item!r} is not a Fashion-MNIST class (0-9 or one of"
+                f" {', '.join(FASHION_MNIST_CLASSES)})"
+            )
+        if index in classes:
+            raise ValueError(f"{option}: class {item!r} is named twice")
+        classes.append(index)
+    return classes
+
+
+def partition_of(args: argparse.Namespace) -> dict[str, list]:
+    """The source and target classes (indices and names); disjoint, or one line why not."""
+    source = parse_classes(args.source_classes, "--source-classes")
+    target = parse_classes(args.target_classes, "--target-classes")
+    overlap = sorted(set(source) & set(target))
+    if overlap:
+        names = [FASHION_MNIST_CLASSES[c] for c in overlap]
+        raise ValueError(
+            f"--source-classes and --target-classes share {names}: they must be disjoint"
+        )
+    return {
+        "source": [FASHION_MNIST_CLASSES[c] for c in source], "source_ids": source,
+        "target": [FASHION_MNIST_CLASSES[c] for c in target], "target_ids": target,
+    }  # fmt: skip
+
+
+def check_partition(work: Path, partition: dict[str, list]) -> None:
+    """Record the partition of ``work``; refuse another one there (its runs would mix)."""
+    path = work / PARTITION_FILE
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if recorded != partition:
+            raise ValueError(
+                f"{work} holds runs of the partition source {recorded['source']} / target"
+                f" {recorded['target']}, not {partition['source']} / {partition['target']}:"
+                " choose another --work-dir"
+            )
+    else:
+        atomic_write_json(path, partition)
+
+
+def pretrain(out: Path, opts: list[str], timer: Timer, step: str) -> dict[str, Any]:
+    """A MoCo run of the demo recipe with ``opts`` into ``out``; its summary."""
     if not (out / "summary.json").is_file():
         cfg = setup_cfg(PRETRAIN_RECIPE, [*opts, "OUTPUT_DIR", str(out)])
-        timer.run("pretrain", run_pretraining, cfg)
+        timer.run(step, run_pretraining, cfg)
     return json.loads((out / "summary.json").read_text())
 
 
-def train_supervised(work: Path, opts: list[str], timer: Timer) -> Path:
-    """The supervised ResNet-18; returns its last checkpoint."""
+def train_supervised(out: Path, opts: list[str], timer: Timer, step: str) -> Path:
+    """The supervised ResNet-18 into ``out``; returns its last checkpoint."""
     from moco_pretrain.supervised import run_supervised
 
-    out = work / "supervised"
     if not (out / RESULTS_FILE).is_file():
         cfg = setup_cfg(SUPERVISED_RECIPE, [*SUPERVISED_EPOCHS, *opts, "OUTPUT_DIR", str(out)])
-        timer.run("supervised", run_supervised, cfg)
+        timer.run(step, run_supervised, cfg)
     return Checkpointer(out).last_checkpoint()
+
+
+def calibrated_random(out: Path, opts: list[str], timer: Timer, step: str) -> Path:
+    """The BN-calibrated random-init control (:func:`moco_pretrain.controls.run_random_bn`)."""
+    from moco_pretrain.controls import run_random_bn
+
+    cfg = setup_cfg(PRETRAIN_RECIPE, [*opts, "OUTPUT_DIR", str(out)])
+    return timer.run(step, run_random_bn, cfg)
 
 
 def convert(checkpoint: str | Path, path: Path) -> Path:
@@ -118,37 +200,43 @@ def convert(checkpoint: str | Path, path: Path) -> Path:
     return path
 
 
-def check_scenes(scenes: Path, counts: dict[str, int]) -> None:
-    """Refuse to mix runs over scenes built from other garment counts."""
+def check_scenes(scenes: Path, counts: dict[str, int], classes: list[str]) -> None:
+    """Refuse to mix runs over scenes built from other garment counts or classes."""
     built = json.loads((scenes / SUMMARY_FILE).read_text())["counts"]
-    if built != counts:
+    if built != counts or scene_classes(scenes) != classes:
         raise ValueError(
-            f"{scenes} holds scenes built with {built}, not {counts}: choose another --work-dir"
+            f"{scenes} holds scenes built with {built} of {scene_classes(scenes)}, not {counts}"
+            f" of {classes}: choose another --work-dir"
         )
 
 
 def scaled_schedule(recipe: str, factor: int, opts: list[str]) -> list[str]:
     """``SOLVER.MAX_ITER`` / ``SOLVER.STEPS`` overrides: the config's (after ``opts``) x factor."""
-    from . import train_net
-
-    config_file = str(resolve_config_file(recipe))
-    cfg = train_net.build_cfg(argparse.Namespace(config_file=config_file, opts=opts))
+    cfg = recipe_cfg(recipe, opts)
     steps = tuple(s * factor for s in cfg.SOLVER.STEPS)
     return ["SOLVER.MAX_ITER", str(cfg.SOLVER.MAX_ITER * factor), "SOLVER.STEPS", str(steps)]
 
 
-def fine_tune(
-    out: Path, init: str, *, task: str, scenes: list[str], weights: Path | None, trials: int,
-    factor: int, opts: list[str],
-) -> None:  # fmt: skip
-    """``task``'s row ``init``: ``trials`` fine-tunes into ``out``; ``scenes`` are the overrides
-    that register the scenes (:func:`transfer.scenes.scene_options`)."""
+def recipe_cfg(recipe: str, opts: list[str]):
+    """The fine-tuning config of ``recipe`` with ``opts``, its ``MOCO.*`` values checked (one line
+    naming a primary metric the task does not report, or overlapping partition classes)."""
     from . import train_net
 
-    recipe = RECIPES[task].format(init=init)
+    config_file = str(resolve_config_file(recipe))
+    return train_net.build_cfg(argparse.Namespace(config_file=config_file, opts=opts))
+
+
+def fine_tune(
+    out: Path, recipe: str, *, init: str, scenes: list[str], weights: Path | None, trials: int,
+    factor: int, opts: list[str],
+) -> None:  # fmt: skip
+    """``trials`` fine-tunes of ``recipe`` (as ``MOCO.INIT init``) into ``out``; ``scenes`` are
+    the overrides that register the scenes and record the partition."""
+    from . import train_net
+
     argv = [
         "--config-file", recipe, "--num-trials", str(trials), *scenes, "OUTPUT_DIR", str(out),
-        *(["MODEL.WEIGHTS", str(weights)] if weights else []),
+        "MOCO.INIT", init, *(["MODEL.WEIGHTS", str(weights)] if weights else []),
         *opts, *scaled_schedule(recipe, factor, opts),
     ]  # fmt: skip
     train_net.main(argv)
@@ -166,17 +254,37 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Fashion-MNIST IDX folder (default: {FASHION_MNIST_DIR})",
     )  # fmt: skip
     parser.add_argument(
+        "--source-classes", default=DEFAULT_SOURCE,
+        help="classes (indices or names, comma-separated) the backbones are pretrained on",
+    )  # fmt: skip
+    parser.add_argument(
+        "--target-classes", default=DEFAULT_TARGET,
+        help="classes of the scenes' garments (the detector's classes); disjoint from the source",
+    )  # fmt: skip
+    parser.add_argument(
         "--labelled", type=int, default=1000,
         help="labelled training garments in the train scenes (class-balanced)",
     )  # fmt: skip
     parser.add_argument("--val-garments", type=int, default=300, help="garments, val scenes")
-    parser.add_argument("--test-garments", type=int, default=1500, help="garments, test scenes")
+    parser.add_argument("--test-garments", type=int, default=1000, help="garments, test scenes")
     parser.add_argument(
         "--task", choices=list(RECIPES), default="detection",
         help="detection: Mask R-CNN, box and mask AP; sem_seg: the FCN, mIoU; keypoints: "
         "Keypoint R-CNN on the garments' extreme points, keypoint AP",
     )  # fmt: skip
-    parser.add_argument("--trials", type=int, default=1, help="fine-tunes per initialisation")
+    parser.add_argument("--trials", type=int, default=1, help="fine-tunes per backbone")
+    parser.add_argument(
+        "--pretrain-seeds", type=int, default=1,
+        help="pretraining runs (seeds 0..N-1) per pretrained row",
+    )  # fmt: skip
+    parser.add_argument(
+        "--controls", action="store_true",
+        help="add random init with BN calibrated on the source images, and MoCo with m = 0",
+    )  # fmt: skip
+    parser.add_argument(
+        "--epoch-curve", type=int, nargs="+", default=[], metavar="EPOCH",
+        help="fine-tune one longer MoCo run's checkpoints at these epochs (short schedule)",
+    )  # fmt: skip
     parser.add_argument(
         "--schedules", nargs="+", choices=list(SCHEDULES), default=["short"],
         help="short: the config's schedule; long: 3x its iterations and lr steps",
@@ -193,62 +301,203 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    for option, value in (("--trials", args.trials), ("--pretrain-seeds", args.pretrain_seeds)):
+        if value < 1:
+            raise ValueError(f"{option} must be at least 1, got {value}")
+    if any(e < 1 for e in args.epoch_curve):
+        raise ValueError(f"--epoch-curve epochs must be at least 1, got {args.epoch_curve}")
+    if args.pretrained and (args.pretrain_seeds > 1 or args.controls or args.epoch_curve):
+        raise ValueError(
+            "--pretrained replaces the MoCo pretraining: it takes no --pretrain-seeds above 1,"
+            " --controls or --epoch-curve"
+        )
+
+
 def run(args: argparse.Namespace) -> None:
     work: Path = args.work_dir
+    partition = partition_of(args)
+    has_detectron2 = importlib.util.find_spec("detectron2") is not None
+    recipe_opts = [
+        "MOCO.PARTITION.SOURCE", str(partition["source"]),
+        "MOCO.PARTITION.TARGET", str(partition["target"]), *args.opts,
+    ]  # fmt: skip
+    if has_detectron2:  # bad fine-tuning values fail now, before hours of pretraining
+        for suffix in ("moco", "sup", "random"):
+            recipe_cfg(RECIPES[args.task].format(init=suffix), recipe_opts)
     work.mkdir(parents=True, exist_ok=True)
+    check_partition(work, partition)
     timer = Timer(work / "benchmark.json")
     timer.record["command"] = shlex.join(["moco-benchmark", *sys.argv[1:]])
     data = ["DATA.ROOT", str(args.data_root)] if args.data_root else []
-    has_detectron2 = importlib.util.find_spec("detectron2") is not None
+    source = [*data, "DATA.CLASSES", str(partition["source_ids"])]
     if has_detectron2:
         scenes = work / "scenes"
         counts = {"num_labelled": args.labelled, "num_val": args.val_garments,
                   "num_test": args.test_garments}  # fmt: skip
         if not (scenes / SUMMARY_FILE).is_file():  # rebuilt whole when unfinished
             root = args.data_root or FASHION_MNIST_DIR
-            timer.run("scenes", build_fashion_scenes, scenes, root=root, **counts)
-        check_scenes(scenes, counts)
+            timer.run("scenes", build_fashion_scenes, scenes, root=root,
+                      classes=partition["target_ids"], **counts)  # fmt: skip
+        check_scenes(scenes, counts, partition["target"])
+    seeds = range(args.pretrain_seeds)
+    moco_opts = [*source, *shlex.split(args.pretrain_opts)]
+    checkpoints: dict[str, dict[int, Path]] = {"moco": {}}  # row: pretraining seed: checkpoint
     if args.pretrained:
-        checkpoint = args.pretrained
-    else:
-        summary = pretrain(work, [*data, *shlex.split(args.pretrain_opts)], timer)
-        print("\n".join(feature_comparison(summary)))
-        checkpoint = summary["checkpoint"]
+        checkpoints["moco"][0] = Path(args.pretrained)
+    for seed in seeds if not args.pretrained else ():
+        summary = pretrain(work / "moco" / f"seed_{seed}", [*moco_opts, "SEED", str(seed)],
+                           timer, f"pretrain/seed_{seed}")  # fmt: skip
+        if seed == 0:
+            print("\n".join(feature_comparison(summary)))
+        checkpoints["moco"][seed] = Path(summary["checkpoint"])
     if not has_detectron2:
         print(
             "moco-benchmark: detectron2 is not installed, so the detection benchmark did not run;"
             f" install it with: {DETECTRON2_INSTALL}"
         )
         return
-    moco = convert(checkpoint, work / "weights" / "moco.pkl")  # before anything else trains
-    supervised = train_supervised(work, [*data, *shlex.split(args.supervised_opts)], timer)
-    weights = {"sup": convert(supervised, work / "weights" / "supervised.pkl"), "moco": moco}
-    scene_opts = scene_options(args.task, scenes, args.eval_split)  # labels derived once
+    weights = work / "weights"
+    pkls = {
+        "moco": {
+            s: convert(c, weights / f"moco_seed{s}.pkl") for s, c in checkpoints["moco"].items()
+        }
+    }
+    supervised_opts = [*source, *shlex.split(args.supervised_opts)]
+    checkpoints["sup"] = {
+        seed: train_supervised(
+            work / "supervised" / f"seed_{seed}",
+            [*supervised_opts, "SEED", str(seed)],
+            timer,
+            f"supervised/seed_{seed}",
+        )  # fmt: skip
+        for seed in seeds
+    }
+    if args.controls:
+        no_eval = ["KNN.FINAL", "False", "KNN.MONITOR_PERIOD", "0"]
+        checkpoints["random_bn"] = {
+            seed: calibrated_random(
+                work / "random_bn" / f"seed_{seed}",
+                [*moco_opts, "SEED", str(seed)],
+                timer,
+                f"controls/random_bn/seed_{seed}",
+            )  # fmt: skip
+            for seed in seeds
+        }
+        checkpoints["moco_m0"] = {
+            seed: Path(pretrain(work / "moco_m0" / f"seed_{seed}",
+                                [*moco_opts, *no_eval, "MODEL.M", "0.0", "SEED", str(seed)],
+                                timer, f"controls/moco_m0/seed_{seed}")["checkpoint"])
+            for seed in seeds
+        }  # fmt: skip
+    for row, by_seed in checkpoints.items():
+        if row not in pkls:
+            pkls[row] = {s: convert(c, weights / f"{row}_seed{s}.pkl") for s, c in by_seed.items()}
+    curve = epoch_curve_weights(work, args, moco_opts, timer) if args.epoch_curve else {}
+    scene_opts = [*scene_options(args.task, scenes, args.eval_split), *recipe_opts[:4]]
+    task_dir = TASK_DIRS[args.task]
+    rows = {**ROWS, **(CONTROL_ROWS if args.controls else {})}
     for schedule in args.schedules:
         run_name = schedule + ("-val" if args.eval_split == "val" else "") + args.name
-        task_dir = TASK_DIRS[args.task]
         step = run_name if args.task == "detection" else f"{task_dir}/{run_name}"
-        rows = []
-        for init, label in ROWS.items():
-            out = work / task_dir / run_name / init
-            timer.run(
-                f"fine_tune/{step}/{init}", fine_tune, out, init, task=args.task,
-                scenes=scene_opts, weights=weights.get(init), trials=args.trials,
-                factor=SCHEDULES[schedule], opts=args.opts,
+        main_only = schedule != "short"  # the long schedule: main rows, first pretraining seed
+        report_rows = []
+        for row, (label, suffix, init) in rows.items():
+            if main_only and row not in ROWS:
+                continue
+            recipe = RECIPES[args.task].format(init=suffix)
+            out = work / task_dir / run_name / row
+            runs = [(out, None, args.trials * (1 if main_only else len(seeds)))]
+            if row != "random":
+                used = sorted(pkls[row])[:1] if main_only else sorted(pkls[row])
+                runs = [(out / f"seed_{s}", pkls[row][s], args.trials) for s in used]
+            for folder, pkl, trials in runs:
+                timer.run(
+                    f"fine_tune/{step}/{row}", fine_tune, folder, recipe, init=init,
+                    scenes=scene_opts, weights=pkl, trials=trials, factor=SCHEDULES[schedule],
+                    opts=args.opts,
+                )  # fmt: skip
+            report_rows.append(f"{label}={out}")
+        curve_dirs = {}
+        if curve and schedule == "short":
+            recipe = RECIPES[args.task].format(init="moco")
+            for epoch, pkl in curve.items():
+                curve_dirs[epoch] = work / task_dir / run_name / "epochs" / f"epoch_{epoch}"
+                timer.run(
+                    f"fine_tune/{step}/epochs", fine_tune, curve_dirs[epoch], recipe, init="moco",
+                    scenes=scene_opts, weights=pkl, trials=args.trials, factor=1, opts=args.opts,
+                )  # fmt: skip
+        print(f"\n# Fashion-MNIST scenes, {args.task}, {schedule} schedule, {args.eval_split}"
+              f" scenes; source {partition['source']}, target {partition['target']}\n")  # fmt: skip
+        output = work / "report" / step
+        report.main([*report_rows, "--output", str(output),
+                     "--supervised", ROWS["sup"][0], "--random", ROWS["random"][0]])  # fmt: skip
+        if curve_dirs:
+            metric = recipe_cfg(RECIPES[args.task].format(init="moco"), recipe_opts)
+            plot_epoch_curve(
+                curve_dirs, {ROWS[r][0]: work / task_dir / run_name / r for r in ("sup", "random")},
+                metric=metric.MOCO.PRIMARY_METRIC, path=output / "ap_vs_epochs.png",
             )  # fmt: skip
-            rows.append(f"{label}={out}")
-        print(
-            f"\n# Fashion-MNIST scenes, {args.task}, {schedule} schedule, {args.eval_split} scenes\n"
-        )
-        report.main([*rows, "--output", str(work / "report" / step),
-                     "--supervised", ROWS["sup"], "--random", ROWS["random"]])  # fmt: skip
+
+
+def epoch_curve_weights(
+    work: Path, args: argparse.Namespace, moco_opts: list[str], timer: Timer
+) -> dict[int, Path]:
+    """One MoCo run of max(``--epoch-curve``) epochs (seed 0, every checkpoint kept); its
+    converted checkpoints at those epochs."""
+    out = work / "moco_curve"
+    epochs = sorted(set(args.epoch_curve))
+    opts = [*moco_opts, "SOLVER.EPOCHS", str(epochs[-1]), "TRAIN.KEEP_LAST", "0",
+            "KNN.FINAL", "False", "SEED", "0"]  # fmt: skip
+    pretrain(out, opts, timer, "epoch_curve/pretrain")
+    checkpointer = Checkpointer(out)
+    return {
+        e: convert(checkpointer.path_for(e - 1), work / "weights" / f"moco_curve_ep{e}.pkl")
+        for e in epochs
+    }
+
+
+def _primary_values(folder: Path, metric: str) -> list[float]:
+    values = [read_results(p)["metrics"].get(metric) for p in sorted(folder.rglob(RESULTS_FILE))]
+    return [v for v in values if v is not None and not math.isnan(v)]
+
+
+def plot_epoch_curve(
+    curve: dict[int, Path], bands: dict[str, Path], *, metric: str, path: Path
+) -> None:
+    """``metric`` (mean ± std over trials) of the fine-tunes of each pretraining epoch's
+    checkpoint, with the rows in ``bands`` as horizontal mean ± std bands; a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def mean_std(values: list[float]) -> tuple[float, float]:
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return (statistics.fmean(values), std) if values else (math.nan, 0.0)
+
+    epochs = sorted(curve)
+    points = [mean_std(_primary_values(curve[e], metric)) for e in epochs]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (label, folder), colour in zip(bands.items(), ("tab:green", "tab:grey"), strict=False):
+        mean, std = mean_std(_primary_values(folder, metric))
+        ax.axhspan(mean - std, mean + std, color=colour, alpha=0.2)
+        ax.axhline(mean, color=colour, label=f"{label} (mean ± std)")
+    means, stds = zip(*points, strict=True)
+    ax.errorbar(epochs, means, yerr=stds, marker="o", capsize=3, label="MoCo v2, one run")
+    ax.set(xscale="log", xlabel="MoCo pretraining epochs", ylabel=metric)
+    ax.set_xticks(epochs, [str(e) for e in epochs])
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, metadata={"Software": None}))
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     with exit_on_user_error("moco-benchmark"):
-        if args.trials < 1:
-            raise ValueError(f"--trials must be at least 1, got {args.trials}")
+        check_arguments(args)
         run(args)
 
 

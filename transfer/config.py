@@ -9,10 +9,11 @@ from . import (
     semantic_seg,  # registers FCNHead
 )
 
-__all__ = ["INITS", "VOC_CLASSES", "add_moco_config"]
+__all__ = ["INITS", "VOC_CLASSES", "add_moco_config", "check_moco_config", "produced_metrics"]
 
-# The four initialisations of the paper's transfer tables (MoCo, Tables 2 and 5).
-INITS = ("supervised", "supervised-tv", "moco", "random")
+# The four initialisations of the paper's transfer tables (MoCo, Tables 2 and 5), and a control:
+# random init with BN statistics calibrated on the pretraining images (moco_pretrain.controls).
+INITS = ("supervised", "supervised-tv", "moco", "random", "random-bn")
 # Pascal VOC's 20 classes, in detectron2's (and the VOC devkit's) order.
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -21,6 +22,38 @@ VOC_CLASSES = (
 )  # fmt: skip
 
 semantic_seg.register_builtin_voc(["background", *VOC_CLASSES])
+
+
+def produced_metrics(cfg: CN) -> list[str]:
+    """The summary metrics a run of ``cfg`` reports (per-class APs aside), as ``moco-report``
+    names them: ``bbox/AP``..., ``segm/...`` with masks, ``keypoints/...``, ``sem_seg/mIoU``..."""
+    if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":
+        return [f"sem_seg/{m}" for m in ("mIoU", "fwIoU", "mACC", "pACC")]
+    boxes = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    names = [f"bbox/{m}" for m in boxes]
+    if cfg.MODEL.MASK_ON:
+        names += [f"segm/{m}" for m in boxes]
+    if cfg.MODEL.KEYPOINT_ON:  # COCO's keypoint evaluation has no small-object AP
+        names += [f"keypoints/{m}" for m in ("AP", "AP50", "AP75", "APm", "APl")]
+    return names
+
+
+def check_moco_config(cfg: CN) -> None:
+    """One ``ValueError`` naming a ``MOCO.*`` value that cannot run."""
+    if cfg.MOCO.INIT not in INITS:
+        raise ValueError(f"MOCO.INIT must be one of {INITS}, got {cfg.MOCO.INIT!r}")
+    primary = cfg.MOCO.PRIMARY_METRIC
+    if primary and primary not in produced_metrics(cfg):
+        raise ValueError(
+            f"MOCO.PRIMARY_METRIC {primary!r} is not a metric this task reports"
+            f" ({', '.join(produced_metrics(cfg))})"
+        )
+    overlap = set(cfg.MOCO.PARTITION.SOURCE) & set(cfg.MOCO.PARTITION.TARGET)
+    if overlap:
+        raise ValueError(
+            f"MOCO.PARTITION: classes {sorted(overlap)} are both source and target (a"
+            " class-disjoint transfer needs disjoint sets)"
+        )
 
 
 def add_moco_config(cfg: CN) -> None:
@@ -35,12 +68,22 @@ def add_moco_config(cfg: CN) -> None:
     cfg.MOCO = CN()
     # Which initialisation this run uses, one of INITS: "supervised" (detectron2's MSRA weights),
     # "supervised-tv" (torchvision's ImageNet weights converted by moco-convert), "moco" (a MoCo
-    # backbone converted by moco-convert), "random". moco-report labels and compares rows by it.
+    # backbone converted by moco-convert), "random", "random-bn" (the control, converted by
+    # moco-convert). moco-report labels and compares rows by it.
     cfg.MOCO.INIT = "supervised"
     # Stop before training unless MODEL.WEIGHTS sets every backbone tensor (stem, res2-res5, also
     # res5 inside the C4 ROI head; not the new extra norm). detectron2 itself only warns about
     # missing keys, and a run then silently trains from a random backbone. Off for random init.
     cfg.MOCO.CHECK_BACKBONE_WEIGHTS = True
+    # The metric this protocol is judged on, declared before the run ("": none): moco-report
+    # makes its comparisons the confirmatory family and treats every other metric as secondary.
+    cfg.MOCO.PRIMARY_METRIC = ""
+    # A class-disjoint transfer (moco-benchmark): the class names the backbone was pretrained on
+    # and the classes the detector learns. Recorded in each trial's results.json; moco-report
+    # never pools trials of different partitions.
+    cfg.MOCO.PARTITION = CN()
+    cfg.MOCO.PARTITION.SOURCE = []
+    cfg.MOCO.PARTITION.TARGET = []
 
     cfg.MOCO.DATASETS = CN()
     # VOC-format datasets to register: a list of (name, dirname, split). dirname holds

@@ -20,6 +20,7 @@ and Pillow only; detectron2 reads the result through ``MOCO.DATASETS.COCO``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -100,9 +101,11 @@ def rle_decode(rle: dict[str, Any]) -> np.ndarray:
     return flat.reshape((height, width), order="F")
 
 
-def _balanced_indices(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
-    """``per_class`` random indices of each class, interleaved in a random order."""
-    chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(10)]
+def _balanced_indices(
+    labels: np.ndarray, per_class: int, classes: Sequence[int], rng: np.random.Generator
+) -> np.ndarray:
+    """``per_class`` random indices of each of ``classes``, interleaved in a random order."""
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes]
     if min(len(c) for c in chosen) < per_class:
         raise ValueError(f"fewer than {per_class} images in some class")
     return rng.permutation(np.concatenate(chosen))
@@ -184,8 +187,9 @@ def _instance_annotation(instance: dict[str, Any], *, ann_id: int, image_id: int
 
 
 def _build_split(
-    out: Path, split: str, garments: list, clutter: np.ndarray, spec: SceneSpec, seed: int
-) -> dict[str, Any]:
+    out: Path, split: str, garments: list, clutter: np.ndarray, spec: SceneSpec, seed: int,
+    class_names: Sequence[str],
+) -> dict[str, Any]:  # fmt: skip
     rng = np.random.default_rng(seed)
     image_dir = out / split
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -210,10 +214,10 @@ def _build_split(
             visible_fractions.append(instance["visible"].sum() / instance["full"].sum())
             ann = _instance_annotation(instance, ann_id=len(annotations) + 1, image_id=image_id)
             annotations.append(ann)
-    categories = [{"id": i + 1, "name": n} for i, n in enumerate(FASHION_MNIST_CLASSES)]
+    categories = [{"id": i + 1, "name": n} for i, n in enumerate(class_names)]
     coco = {"images": images, "annotations": annotations, "categories": categories}
     atomic_write(out / f"{split}.json", lambda f: f.write(json.dumps(coco).encode()))
-    per_class = np.bincount([a["category_id"] - 1 for a in annotations], minlength=10)
+    per_class = np.bincount([a["category_id"] - 1 for a in annotations], minlength=len(categories))
     return {
         "scenes": len(images), "instances": len(annotations), "garments": len(garments),
         "instances_per_class": per_class.tolist(),
@@ -234,6 +238,7 @@ def build_fashion_scenes(
     num_test: int = 1500,
     seed: int = 0,
     spec: SceneSpec = SceneSpec(),
+    classes: Sequence[int] = tuple(range(10)),
 ) -> dict[str, Any]:
     """Write ``train``/``val``/``test`` scenes (PNG folders + COCO JSON) and ``summary.json``.
 
@@ -245,28 +250,41 @@ def build_fashion_scenes(
         num_test: test-set garments in the test scenes.
         seed: the single seed of every random choice.
         spec: how scenes look (:class:`SceneSpec`).
+        classes: the Fashion-MNIST classes (indices) of every garment, clutter included; the
+            scenes' categories are these, numbered from 1 in this order. The benchmark's target
+            classes, which no pretraining run sees.
 
     Returns:
         The summary: counts per split, the source indices' sizes, the spec and the seed.
     """
+    k = len(classes)
     for n, name in ((num_labelled, "num_labelled"), (num_val, "num_val"), (num_test, "num_test")):
-        if n < 10 or n % 10:
-            raise ValueError(f"{name} must be a positive multiple of 10 (class-balanced), got {n}")
+        if n < k or n % k:
+            raise ValueError(
+                f"{name} must be a positive multiple of the {k} classes (class-balanced), got {n}"
+            )
     out = Path(out)
     train, test = FashionMNIST(root, split="train"), FashionMNIST(root, split="test")
     rng = np.random.default_rng(seed)
     train_labels = train.targets.numpy()
-    picked = _balanced_indices(train_labels, (num_labelled + num_val) // 10, rng)
-    per_class_val = num_val // 10
-    val_idx = np.concatenate([picked[train_labels[picked] == c][:per_class_val] for c in range(10)])
+    picked = _balanced_indices(train_labels, (num_labelled + num_val) // k, classes, rng)
+    per_class_val = num_val // k
+    val_idx = np.concatenate([picked[train_labels[picked] == c][:per_class_val] for c in classes])
     labelled_idx = np.setdiff1d(picked, val_idx)
-    test_idx = _balanced_indices(test.targets.numpy(), num_test // 10, rng)
-    train_clutter = np.delete(train.images, picked, axis=0)
-    test_clutter = np.delete(test.images, test_idx, axis=0)
+    test_labels = test.targets.numpy()
+    test_idx = _balanced_indices(test_labels, num_test // k, classes, rng)
+    # clutter: the other images of the same classes
+    train_clutter = train.images[
+        np.setdiff1d(np.flatnonzero(np.isin(train_labels, classes)), picked)
+    ]
+    test_clutter = test.images[
+        np.setdiff1d(np.flatnonzero(np.isin(test_labels, classes)), test_idx)
+    ]
+    category_of = {c: i for i, c in enumerate(classes)}
 
     def garments(dataset: FashionMNIST, indices: np.ndarray) -> list:
         indices = rng.permutation(indices)
-        return [(dataset.images[i], int(dataset.targets[i])) for i in indices]
+        return [(dataset.images[i], category_of[int(dataset.targets[i])]) for i in indices]
 
     splits = {
         "train": (garments(train, labelled_idx), train_clutter),
@@ -274,9 +292,14 @@ def build_fashion_scenes(
         "test": (garments(test, test_idx), test_clutter),
     }
     counts = {"num_labelled": num_labelled, "num_val": num_val, "num_test": num_test}
-    summary: dict[str, Any] = {"seed": seed, "counts": counts, "spec": asdict(spec), "splits": {}}
+    names = [FASHION_MNIST_CLASSES[c] for c in classes]
+    summary: dict[str, Any] = {
+        "seed": seed, "counts": counts, "classes": names, "spec": asdict(spec), "splits": {},
+    }  # fmt: skip
     for offset, (split, (pieces, clutter)) in enumerate(splits.items()):
-        summary["splits"][split] = _build_split(out, split, pieces, clutter, spec, seed + offset)
+        summary["splits"][split] = _build_split(
+            out, split, pieces, clutter, spec, seed + offset, class_names=names
+        )
     summary["sources"] = {
         "train_labelled_indices": sorted(int(i) for i in labelled_idx),
         "val_indices": sorted(int(i) for i in val_idx),
@@ -365,17 +388,25 @@ def _semantic_labels_complete(root: Path) -> bool:
     return True
 
 
+def scene_classes(scenes: str | Path) -> list[str]:
+    """The category names of the scenes under ``scenes``, in category-id order."""
+    summary = json.loads((Path(scenes) / SUMMARY_FILE).read_text())
+    return summary.get("classes", list(FASHION_MNIST_CLASSES))  # older builds: all 10
+
+
 def scene_options(task: str, scenes: str | Path, split: str) -> list[str]:
     """``moco-transfer`` overrides that register ``task``'s scenes (``detection``, ``sem_seg``,
-    ``keypoints``; their labels derived here when missing or incomplete) and test on ``split``."""
+    ``keypoints``; their labels derived here when missing or incomplete), size the heads for
+    their classes and test on ``split``."""
     scenes = Path(scenes)
+    classes = scene_classes(scenes)
     if task == "sem_seg":
         if not _semantic_labels_complete(scenes):
             write_semantic_labels(scenes)
-        classes = ["background", *FASHION_MNIST_CLASSES]
         return [
             "MOCO.DATASETS.SEM_SEG", str(scene_sem_seg_datasets(scenes)),
-            "MOCO.DATASETS.SEM_SEG_CLASSES", str(classes),
+            "MOCO.DATASETS.SEM_SEG_CLASSES", str(["background", *classes]),
+            "MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(len(classes) + 1),
             "DATASETS.TEST", f"('fashion_scenes_sem_seg_{split}',)",
         ]  # fmt: skip
     if task == "keypoints":
@@ -385,9 +416,11 @@ def scene_options(task: str, scenes: str | Path, split: str) -> list[str]:
             "MOCO.DATASETS.COCO", str(scene_keypoint_datasets(scenes)),
             "MOCO.DATASETS.KEYPOINT_NAMES", str(list(KEYPOINT_NAMES)),
             "MOCO.DATASETS.KEYPOINT_FLIP_MAP", str([list(p) for p in KEYPOINT_FLIP_MAP]),
+            "MODEL.ROI_HEADS.NUM_CLASSES", str(len(classes)),
             "DATASETS.TEST", f"('fashion_scenes_keypoints_{split}',)",
         ]  # fmt: skip
     return [
         "MOCO.DATASETS.COCO", str(scene_datasets(scenes)),
+        "MODEL.ROI_HEADS.NUM_CLASSES", str(len(classes)),
         "DATASETS.TEST", f"('fashion_scenes_{split}',)",
     ]  # fmt: skip

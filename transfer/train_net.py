@@ -66,7 +66,7 @@ from moco_pretrain.config import config_root, resolve_config_file
 from moco_pretrain.files import file_sha256
 from moco_pretrain.results import RESULTS_FILE, write_results
 
-from .config import INITS, add_moco_config
+from .config import add_moco_config, check_moco_config
 from .datasets import register_datasets
 from .preflight import load_verified
 from .semantic_seg import train_augmentations
@@ -182,8 +182,7 @@ def build_cfg(args: argparse.Namespace) -> CfgNode:
     add_moco_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    if cfg.MOCO.INIT not in INITS:
-        raise ValueError(f"MOCO.INIT must be one of {INITS}, got {cfg.MOCO.INIT!r}")
+    check_moco_config(cfg)
     return cfg
 
 
@@ -291,7 +290,14 @@ def write_trial_results(
         init=cfg.MOCO.INIT,
         trial=trial,
         seed=cfg.SEED,
+        **({"partition": partition} if (partition := partition_of(cfg)) else {}),
     )
+
+
+def partition_of(cfg: CfgNode) -> dict[str, list[str]] | None:
+    """``MOCO.PARTITION`` as ``{"source": [...], "target": [...]}``; None when unset."""
+    source, target = list(cfg.MOCO.PARTITION.SOURCE), list(cfg.MOCO.PARTITION.TARGET)
+    return {"source": source, "target": target} if source or target else None
 
 
 def set_aside_interrupted_attempt(output_dir: Path) -> None:
