@@ -41,7 +41,7 @@ setup(
         "numpy>=1.24",
         "pillow>=9.0",
         "matplotlib>=3.6",
-        "scipy>=1.10",  # Student-t quantiles for moco-report's Welch intervals
+        "scipy>=1.10",  # Student-t quantiles and p-values for moco-report's intervals
     ],
     extras_require={
         # detectron2 itself is not on PyPI: install it from its official repository (README).

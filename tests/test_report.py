@@ -5,13 +5,24 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
 import yaml
+from scipy import stats
 
-from transfer.comparison import Expected, Sample, find_expected, load_expected, welch
-from transfer.report import main
+from transfer.comparison import (
+    Expected,
+    Observation,
+    Sample,
+    find_expected,
+    holm,
+    load_expected,
+    two_level_bootstrap,
+    welch,
+)
+from transfer.report import BASELINE_NAMES, main
 
 VOC = {  # per-row AP50 over trials; AP and AP75 are AP50 - 25 and AP50 - 20
     "sup": ("supervised", [81.1, 81.3, 81.5]),
@@ -64,10 +75,11 @@ def test_mean_std_and_differences(tmp_path, capsys):
     assert (knn["n"], knn["mean"], knn["std"], knn["diff_supervised"]) == ("1", "61.5", "", "")
 
     markdown = (tmp_path / "report" / "report.md").read_text()
-    assert "| row | n | bbox/AP50 | bbox/AP | bbox/AP75 |" in markdown
-    assert "| moco | 5 | 82.40 ± 0.14 | 57.40 ± 0.14 | 62.40 ± 0.14 |" in markdown
-    assert "Difference vs the supervised row (sup), 95 % Welch interval:" in markdown
-    assert "| moco | +1.10 [+0.70, +1.50] better | +1.10 [+0.70, +1.50] better |" in markdown
+    assert "| row | n trials | n backbones | bbox/AP50 | bbox/AP | bbox/AP75 |" in markdown
+    assert "| moco | 5 | 5 | 82.40 ± 0.14 | 57.40 ± 0.14 | 62.40 ± 0.14 |" in markdown
+    p, holm_p = float(moco["p_supervised"]), float(moco["holm_p_supervised"])
+    welch_cell = f"+1.10 [+0.70, +1.50] better; p {p:.3f}, Holm {holm_p:.3f}"
+    assert f"| bbox/AP50 | moco - sup | {welch_cell} |" in markdown
     assert "## knn" in markdown and "## lincls" in markdown
     assert markdown in capsys.readouterr().out
     assert (tmp_path / "report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -98,8 +110,11 @@ def test_welch_interval_and_verdict_equal_hand_computed_values(tmp_path):
     assert float(new["diff_random"]) == pytest.approx(7.0)
     assert (new["low_random"], new["high_random"]) == ("", "")
     assert new["verdict_random"] == "single trial: no interval"
+    t = 7.0 / (2 / math.sqrt(3))  # Student's t with 2 degrees of freedom: p = 1 - t / sqrt(2 + t^2)
+    assert float(new["p_supervised"]) == pytest.approx(1 - t / math.sqrt(2 + t**2), rel=1e-9)
+    assert new["p_random"] == ""
     markdown = (tmp_path / "r" / "report.md").read_text()
-    assert "| new | +7.00 (single trial: no interval) |" in markdown
+    assert "| bbox/AP | new - once | +7.00 (single trial: no interval) |" in markdown
 
 
 def test_overlapping_rows_are_within_noise(tmp_path):
@@ -239,7 +254,8 @@ def test_rerunning_is_idempotent_and_picks_up_new_trials(tmp_path):
     assert sorted(first) == ["report.csv", "report.md", "report.png"]  # no temporary files
 
     metrics = {"bbox/AP50": 81.3, "bbox/AP": 56.3, "bbox/AP75": 61.3}
-    _write(tmp_path / "runs/sup/trial_3/results.json", {"task": "detection", "metrics": metrics})
+    result = {"task": "detection", "metrics": metrics, "init": "supervised"}
+    _write(tmp_path / "runs/sup/trial_3/results.json", result)
     main([*rows, "--output", str(out)])
     assert _csv(out)[("detection", "sup", "bbox/AP50")]["n"] == "4"
 
@@ -271,3 +287,167 @@ def _fails(capsys, argv: list[str], pattern: str) -> None:
         main(argv)
     assert exit_info.value.code == 2
     assert pattern in capsys.readouterr().err
+
+
+def _study(
+    root: Path,
+    label: str,
+    per_backbone: dict[int | None, list[float]],
+    *,
+    init: str,
+    primary: str | None = "bbox/AP",
+    recipe: str = "r" * 64,
+    **extra,
+) -> str:
+    """A row of trials: per pretraining seed (None: random init, every trial its own backbone)
+    the bbox/AP of trial seeds 0, 1, ...; bbox/AP50 is bbox/AP + 20."""
+    for pretraining_seed, values in per_backbone.items():
+        for seed, value in enumerate(values):
+            result = {
+                "task": "detection", "metrics": {"bbox/AP": value, "bbox/AP50": value + 20},
+                "init": init, "seed": seed, "trial": seed,
+                "protocol": {"recipe_sha256": recipe, "config_sha256": f"{label}{pretraining_seed}"},
+                "config": {"MOCO": {"PRIMARY_METRIC": primary}} if primary else {}, **extra,
+            }  # fmt: skip
+            if pretraining_seed is not None:
+                sha256 = f"{label}{pretraining_seed}".ljust(64, "0")
+                result |= {"checkpoint": f"{label}.pkl", "checkpoint_sha256": sha256}
+                result["pretraining"] = {"seed": pretraining_seed}
+            folder = root / label / f"backbone_{pretraining_seed}" / f"trial_{seed}"
+            _write(folder / "results.json", result)
+    return f"{label}={root / label}"
+
+
+SUP = {0: [50.0, 51.0, 52.0]}
+MOCO = {0: [53.0, 55.0, 54.0], 1: [56.0, 57.0, 55.0], 2: [52.0, 53.0, 54.0]}
+RANDOM = {None: [40.0, 42.0, 41.0]}
+
+
+def _observations(per_backbone: dict[int | None, list[float]]) -> list[Observation]:
+    return [
+        Observation(v, f"{p}" if p is not None else f"trial {s}", s, p)
+        for p, values in per_backbone.items()
+        for s, v in enumerate(values)
+    ]
+
+
+def test_the_primary_metric_is_the_confirmatory_family(tmp_path):
+    """bbox/AP declared: its 3 comparisons are one Holm family, bbox/AP50's another. MoCo holds
+    3 pretrained backbones, one row by recipe_sha256 though its config_sha256 differ; its
+    bootstrap is the two-level one; with one trial seed set and one recipe, every pair is paired,
+    by trial seed over MoCo's backbone means (the supervised row has one pretraining seed)."""
+    root = tmp_path / "runs"
+    rows = [_study(root, "sup", SUP, init="supervised"), _study(root, "moco", MOCO, init="moco")]
+    rows.append(_study(root, "rand", RANDOM, init="random"))
+    main([*rows, "--output", str(tmp_path / "r")])
+    table = _csv(tmp_path / "r")
+    moco = table[("detection", "moco", "bbox/AP")]
+    assert (moco["n"], moco["n_backbones"], moco["family"]) == ("9", "3", "primary")
+    assert table[("detection", "moco", "bbox/AP50")]["family"] == "secondary"
+    for metric in ("bbox/AP", "bbox/AP50"):
+        lines = [table[("detection", r, metric)] for r in ("sup", "moco", "rand")]
+        for prefix in ("", "bootstrap_", "paired_"):
+            found = [(line[f"{prefix}p_{b}"], line[f"{prefix}holm_p_{b}"])
+                     for line in lines for b in BASELINE_NAMES if line[f"{prefix}p_{b}"]]  # fmt: skip
+            assert len(found) == 3  # moco - sup, moco - rand, sup - rand: each pair once
+            raw, adjusted = zip(*((float(p), float(h)) for p, h in found), strict=True)
+            assert list(adjusted) == pytest.approx(holm(list(raw)), rel=1e-12)
+
+    expected = two_level_bootstrap(_observations(MOCO), _observations(SUP))
+    assert float(moco["bootstrap_diff_supervised"]) == pytest.approx(54.0 + 1 / 3 - 51.0)
+    assert float(moco["bootstrap_low_supervised"]) == pytest.approx(expected.low, rel=1e-12)
+    assert float(moco["bootstrap_p_supervised"]) == pytest.approx(expected.p, rel=1e-12)
+    per_seed = [statistics.fmean(values[s] for values in MOCO.values()) for s in range(3)]
+    assert float(moco["paired_p_supervised"]) == pytest.approx(
+        stats.ttest_rel(per_seed, SUP[0]).pvalue, rel=1e-10
+    )
+    assert float(moco["paired_p_random"]) == pytest.approx(
+        stats.ttest_rel(per_seed, RANDOM[None]).pvalue, rel=1e-10
+    )
+
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert markdown.index("### Primary metric: bbox/AP") < markdown.index("### Secondary metrics")
+    assert (
+        "Confirmatory (declared in MOCO.PRIMARY_METRIC): Holm over its 3 comparisons." in markdown
+    )
+    assert "| row | n trials | n backbones | bbox/AP |\n" in markdown
+    assert "| moco | 9 | 3 | 54.33 ± 1.58 |" in markdown
+    assert "| moco | pretraining seed 1 | 3 | 56.00 ± 1.00 | 76.00 ± 1.00 |" in markdown
+    assert (
+        "  - moco - sup: by trial seed (3 pairs; each side the mean over its backbones" in markdown
+    )
+    bootstrap = f"{float(moco['bootstrap_high_supervised']):+.2f}] better; p "
+    assert (
+        f"| bbox/AP | moco - sup | {_difference_text(moco)}" in markdown and bootstrap in markdown
+    )
+
+
+def _difference_text(line: dict[str, str]) -> str:
+    diff, low, high = (
+        float(line[k]) for k in ("diff_supervised", "low_supervised", "high_supervised")
+    )
+    return f"{diff:+.2f} [{low:+.2f}, {high:+.2f}] {line['verdict_supervised']}; p "
+
+
+def test_pairs_only_on_one_recipe_and_one_set_of_trial_seeds(tmp_path):
+    root = tmp_path / "runs"
+    rows = [
+        _study(root, "sup", {0: [50.0, 51.0]}, init="supervised"),
+        _study(root, "moco", MOCO, init="moco"),
+        _study(root, "rand", RANDOM, init="random", recipe="x" * 64),
+    ]
+    main([*rows, "--output", str(tmp_path / "r")])
+    moco = _csv(tmp_path / "r")[("detection", "moco", "bbox/AP")]
+    assert (moco["paired_p_supervised"], moco["paired_p_random"]) == ("", "")
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert "  - moco - sup: not shown: trial seeds differ ({0, 1, 2} vs {0, 1})" in markdown
+    assert "  - moco - rand: not shown: the recipes differ beyond the weights" in markdown
+
+
+def test_a_primary_metric_not_reported_or_not_agreed_is_refused(tmp_path, capsys):
+    root, out = tmp_path / "runs", tmp_path / "r"
+    sup, moco = (
+        _study(root, "sup", SUP, init="supervised"),
+        _study(root, "moco", MOCO, init="moco"),
+    )
+    main([sup, moco, "--output", str(out)])
+    written = {p.name: p.read_bytes() for p in out.iterdir()}
+    _study(root, "sup", SUP, init="supervised", primary="segm/AP")
+    _study(root, "moco", MOCO, init="moco", primary="segm/AP")
+    _fails(capsys, [sup, moco, "--output", str(out)],
+           "the primary metric 'segm/AP' (detection, MOCO.PRIMARY_METRIC of sup, moco) is not among"
+           " the metrics its trials report: bbox/AP50, bbox/AP")  # fmt: skip
+    _study(root, "moco", MOCO, init="moco", primary="bbox/AP50")
+    _fails(capsys, [sup, moco, "--output", str(out)],
+           "rows of detection declare different primary metrics (MOCO.PRIMARY_METRIC): 'segm/AP'"
+           " by sup; 'bbox/AP50' by moco")  # fmt: skip
+    _fails(capsys, [sup, moco, "--primary", "bbox/AP25", "--output", str(out)],
+           "--primary 'bbox/AP25' is not among the metrics the trials report")  # fmt: skip
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == written  # nothing overwritten
+
+    main([sup, moco, "--primary", "bbox/AP50", "--output", str(out)])  # --primary decides
+    assert _csv(out)[("detection", "moco", "bbox/AP50")]["family"] == "primary"
+    assert (
+        "primary metric 'bbox/AP50' set by --primary, not the declared" in capsys.readouterr().err
+    )
+
+
+def test_different_class_partitions_are_refused(tmp_path, capsys):
+    root, out = tmp_path / "runs", tmp_path / "r"
+    first = {"source": ["cat", "dog"], "target": ["cow"]}
+    sup = _study(root, "sup", SUP, init="supervised", partition=first)
+    moco = _study(
+        root, "moco", MOCO, init="moco", partition={"source": ["dog", "cat"], "target": ["cow"]}
+    )
+    assert main([sup, moco, "--output", str(out)]) == 0  # the same partition, in another order
+    _study(root, "moco", MOCO, init="moco", partition={"source": ["cat"], "target": ["cow", "dog"]})
+    _fails(capsys, [sup, moco, "--output", str(tmp_path / "r2")],
+           "rows 'sup' and 'moco' (detection) record different class partitions, which are not"
+           " comparable: source [cat, dog] / target [cow] vs source [cat] / target [cow, dog]")  # fmt: skip
+    _study(root, "moco", MOCO, init="moco")
+    _fails(capsys, [sup, moco, "--output", str(tmp_path / "r2")],
+           "source [cat, dog] / target [cow] vs no partition recorded")  # fmt: skip
+    _study(root, "more", {7: [1.0]}, init="moco", partition=first)
+    _fails(capsys, [f"moco={root}", "--output", str(tmp_path / "r2")],
+           "row 'moco' (detection) holds trials of different class partitions")  # fmt: skip
+    assert not (tmp_path / "r2").exists()

@@ -448,3 +448,20 @@ def test_the_protocol_hash_ignores_where_data_lies_but_not_its_keypoint_labels()
     moved = [("moco_tiny_keypoints_train", "/elsewhere/train.json", "/elsewhere/images")]
     assert sha() == sha(COCO=moved) == sha(SEM_SEG=[("x", "/images", "/labels", "")])
     assert sha() != sha(KEYPOINT_FLIP_MAP=[("top_left", "top_right")])
+
+
+def test_the_recipe_hash_is_the_protocol_hash_without_the_weights():
+    """Two backbones (or inits) on one recipe: one recipe_sha256, two config_sha256; another lr:
+    another recipe."""
+    from transfer.train_net import protocol_of
+
+    def hashes(weights: str, init: str = "moco", lr: float = 0.02) -> tuple[str, str]:
+        cfg = _load("pascal_voc_R_50_C4_24k_moco.yaml")
+        cfg.MOCO.INIT, cfg.SOLVER.BASE_LR = init, lr
+        cfg.MOCO.CHECK_BACKBONE_WEIGHTS = init != "random"  # as the random-init configs set it
+        protocol = protocol_of(cfg, cfg, weights_sha256=weights)
+        return protocol["config_sha256"], protocol["recipe_sha256"]
+
+    (config_a, recipe_a), (config_b, recipe_b) = hashes("a" * 64), hashes("b" * 64)
+    assert config_a != config_b and recipe_a == recipe_b == hashes("", init="random")[1]
+    assert hashes("a" * 64, lr=0.04)[1] != recipe_a

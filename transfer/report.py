@@ -1,5 +1,6 @@
-"""``moco-report``: mean ± std over trials, Welch intervals vs the supervised and random rows,
-and each row against its expected numbers.
+"""``moco-report``: mean ± std over trials, and for each row against the supervised and random
+rows a Welch interval, a two-level bootstrap interval (pretraining variance) and, where valid, a
+paired interval, each with its raw and Holm-adjusted p; and each row against its expected numbers.
 
     moco-report supervised=out/voc_sup moco=out/voc_moco random=out/voc_random --output report/
 
@@ -7,20 +8,40 @@ Each ``[LABEL=]DIR`` is one row; its trials are every ``results.json`` below ``D
 ``moco-transfer`` per trial, and by ``moco-knn`` / ``moco-lincls``: ``{"task", "metrics", ...}``).
 Rows are tabulated per task. The supervised and random baselines are ``--supervised`` /
 ``--random``, or else the one row whose results record ``init`` "supervised" (then
-"supervised-tv") / "random". Every other row gets the difference of the means against each
-baseline with its 95 % Welch interval and a verdict (:mod:`transfer.comparison`).
+"supervised-tv") / "random". Every other row is compared with each baseline, each pair of rows
+once (the supervised row against the random one, not back). The statistics are those of
+:mod:`transfer.comparison`:
 
-Trials are pooled only when they ran the same protocol (``protocol.config_sha256``, written by
-``moco-transfer``): a row whose trials differ is split into one row per protocol, with a note.
-A file that cannot be read (truncated, no task or metrics, non-numeric metrics, an unknown task)
-is named in one line and skipped. Expected numbers come from ``configs/expected.yaml`` (or
-``--expected``), matched on the trials' recorded config; a row further than two combined standard
-errors from them is flagged with the likeliest causes.
+- **Primary metric.** The one metric a study declared before it ran, in its config
+  (``MOCO.PRIMARY_METRIC``, a detectron2 metric key such as ``bbox/AP``), or ``--primary``. Its
+  comparisons are the confirmatory family; the other metrics' comparisons are a second family.
+  Rows of a task that declare different metrics, or a primary metric that no trial reports, are
+  an error. A task without a declaration has no primary metric: all its metrics form one family.
+- **Holm.** Within a family, each analysis (Welch, bootstrap, paired) is Holm-corrected over the
+  family's comparisons on its own: the three analyses test one hypothesis three ways, so they
+  are not three members of the family.
+- **Backbones.** A trial's backbone is its weights by content (``checkpoint_sha256``, else the
+  weights path or URL); a random-init trial is its own backbone, its init drawn by its seed. A
+  row with several backbones (several pretraining seeds) gets per-backbone means, and the
+  two-level bootstrap includes the between-backbone variance that Welch's pooled trials miss.
+- **Pairing.** Shown where both rows ran the same recipe apart from the weights
+  (``protocol.recipe_sha256``) on the same trial seeds, so each seed fixed the same data order
+  and init of the new layers on both sides; otherwise a note says why not.
 
-Writes ``report.md``, ``report.csv`` and ``report.png`` (bars with ± std error bars) into
-``--output``, each replaced atomically and computed from the files alone: rerunning never loses
-or double-counts a trial (a file reached through two rows is an error). The standard deviation is
-the sample one (n - 1), as the paper's 5-trial std; n = 1 gives none.
+Trials are pooled only when they ran the same recipe (``protocol.recipe_sha256``, the config hash
+without the weights; ``config_sha256`` in files from before it) and ``init``: a row whose trials
+differ is split into one row per protocol, with a note. Trials of one task that record different
+class partitions (``partition``: source and target classes; also some with and some without) are
+refused. A file that cannot be read (truncated, no task or metrics, non-numeric metrics, an
+unknown task, a malformed seed or partition) is named in one line and skipped. Expected numbers
+come from ``configs/expected.yaml`` (or ``--expected``), matched on the trials' recorded config; a
+row further than two combined standard errors from them is flagged with the likeliest causes.
+
+Writes ``report.md``, ``report.csv`` and ``report.png`` (bars with ± std error bars, the primary
+metric first) into ``--output``, each replaced atomically and computed from the files alone:
+rerunning never loses or double-counts a trial (a file reached through two rows is an error), and
+the bootstrap is seeded. Bad input is one line and exit status 2, with nothing written. The
+standard deviation is the sample one (n - 1), as the paper's 5-trial std; n = 1 gives none.
 """
 
 from __future__ import annotations
@@ -43,15 +64,31 @@ from moco_pretrain.results import RESULTS_FILE, read_results
 
 from .comparison import (
     LIKELY_CAUSES,
+    RESAMPLES,
+    TESTS,
     Difference,
     Expected,
+    Observation,
     Sample,
+    config_value,
     find_expected,
+    holm,
     load_expected,
+    pair,
+    paired_t,
+    two_level_bootstrap,
     welch,
 )
 
-__all__ = ["Row", "collect_rows", "render_csv", "render_markdown", "main"]
+__all__ = [
+    "Row",
+    "Trial",
+    "collect_rows",
+    "primary_metrics",
+    "render_csv",
+    "render_markdown",
+    "main",
+]
 
 # the paper's column order (VOC: AP50, AP, AP75; COCO: AP^bb..., AP^mk...); then kNN/linear top-k
 DEFAULT_METRICS = (
@@ -61,6 +98,23 @@ DEFAULT_METRICS = (
 )  # fmt: skip
 TASKS = ("detection", "sem_seg", "lincls", "knn", "supervised")
 BASELINE_NAMES = ("supervised", "random")
+PRIMARY_KEY = "MOCO.PRIMARY_METRIC"
+TEST_NAMES = {"welch": "Welch", "bootstrap": "two-level bootstrap", "paired": "paired t"}
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One ``results.json``: its metrics and what it shares with other trials."""
+
+    metrics: dict[str, float]
+    backbone: str  # checkpoint_sha256, else the weights path or URL; random init: the file
+    backbone_name: str  # "pretraining seed 3", a short sha256, the path
+    pretrained: bool  # False: the trial's own random init
+    seed: int | None  # the fine-tuning seed
+    pretraining_seed: int | None
+
+    def observation(self, metric: str) -> Observation:
+        return Observation(self.metrics[metric], self.backbone, self.seed, self.pretraining_seed)
 
 
 @dataclass
@@ -71,17 +125,29 @@ class Row:
     task: str
     base_label: str = ""  # the LABEL given, when the label carries a protocol suffix
     inits: set[str] = field(default_factory=set)
-    trials: list[dict[str, float]] = field(default_factory=list)
+    trials: list[Trial] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)  # the first trial's recorded config
+    recipe: str | None = None  # protocol.recipe_sha256 where recorded: pairing needs it
+    declared: dict[str, int] = field(default_factory=dict)  # MOCO.PRIMARY_METRIC -> trials
     expected: Expected | None = None
 
     def sample(self, metric: str) -> Sample:
         """``metric`` over the trials that report it (NaN std when n < 2)."""
-        values = [t[metric] for t in self.trials if metric in t]
+        values = [t.metrics[metric] for t in self.trials if metric in t.metrics]
         if not values or any(map(math.isnan, values)):  # COCO reports NaN for an empty size range
             return Sample(len(values), math.nan, math.nan)
         std = statistics.stdev(values) if len(values) > 1 else math.nan
         return Sample(len(values), statistics.fmean(values), std)
+
+    def observations(self, metric: str) -> list[Observation]:
+        return [t.observation(metric) for t in self.trials if metric in t.metrics]
+
+    def backbones(self) -> dict[str, list[Trial]]:
+        """The trials per backbone, in the order the backbones first appear."""
+        groups: dict[str, list[Trial]] = {}
+        for trial in self.trials:
+            groups.setdefault(trial.backbone, []).append(trial)
+        return groups
 
 
 def _parse_row_arg(arg: str) -> tuple[str, Path]:
@@ -89,10 +155,62 @@ def _parse_row_arg(arg: str) -> tuple[str, Path]:
     return (label, Path(path)) if sep else (Path(arg).name, Path(arg))
 
 
+def _integer(where: dict[str, Any], key: str, path: Path) -> int | None:
+    value = where.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ValueError(f"{path}: {key!r} must be an integer, got {value!r}")
+    return value
+
+
+def _trial(result: dict[str, Any], path: Path) -> Trial:
+    """The :class:`Trial` of a results record read from ``path``.
+
+    Raises:
+        ValueError: naming ``path``: a seed that is no integer, or a malformed ``pretraining``.
+    """
+    pretraining = result.get("pretraining") or {}
+    if not isinstance(pretraining, dict):
+        raise ValueError(f"{path}: 'pretraining' must be an object")
+    seed, pretraining_seed = _integer(result, "seed", path), _integer(pretraining, "seed", path)
+    sha256, weights = result.get("checkpoint_sha256"), result.get("checkpoint")
+    backbone = sha256 or weights or str(path)
+    if pretraining_seed is not None:
+        name = f"pretraining seed {pretraining_seed}"
+    else:
+        name = sha256[:8] if sha256 else str(backbone)
+    metrics = {k: float(v) for k, v in result["metrics"].items()}
+    return Trial(metrics, backbone, name, bool(sha256 or weights), seed, pretraining_seed)
+
+
+def _partition(result: dict[str, Any], path: Path) -> tuple[tuple[str, ...], ...] | None:
+    """``partition``'s (source classes, target classes), each sorted; None where unrecorded."""
+    partition = result.get("partition")
+    if partition is None:
+        return None
+    if not isinstance(partition, dict) or not all(
+        isinstance(partition.get(k), list) for k in ("source", "target")
+    ):
+        raise ValueError(f"{path}: 'partition' must hold 'source' and 'target' lists of classes")
+    return tuple(tuple(sorted(map(str, partition[k]))) for k in ("source", "target"))
+
+
+def _partition_text(partition: tuple[tuple[str, ...], ...] | None) -> str:
+    if partition is None:
+        return "no partition recorded"
+    source, target = (", ".join(classes) for classes in partition)
+    return f"source [{source}] / target [{target}]"
+
+
 def collect_rows(row_args: Sequence[str]) -> tuple[list[Row], list[str]]:
     """Read every ``results.json`` under each ``[LABEL=]DIR``; one :class:`Row` per label, task
-    and protocol. Returns the rows and notes (files skipped, rows split by protocol)."""
-    groups: dict[tuple[str, str], dict[str | None, Row]] = {}
+    and protocol. Returns the rows and notes (files skipped, rows split by protocol).
+
+    Raises:
+        ValueError: a file belongs to two rows, or trials of one task record different class
+            partitions.
+    """
+    groups: dict[tuple[str, str], dict[tuple[str | None, str | None], Row]] = {}
+    partitions: dict[str, dict[Any, str]] = {}  # task -> partition -> the first row with it
     seen: dict[Path, str] = {}
     notes: list[str] = []
     for arg in row_args:
@@ -107,37 +225,129 @@ def collect_rows(row_args: Sequence[str]) -> tuple[list[Row], list[str]]:
             seen[resolved] = label
             try:
                 result = read_results(path)
+                trial, partition = _trial(result, path), _partition(result, path)
             except ValueError as err:
                 notes.append(f"skipped {err}")
                 continue
-            if result["task"] not in TASKS:
-                notes.append(f"skipped {path}: task {result['task']!r} is none of {TASKS}")
+            task = result["task"]
+            if task not in TASKS:
+                notes.append(f"skipped {path}: task {task!r} is none of {TASKS}")
                 continue
-            protocol = (result.get("protocol") or {}).get("config_sha256")
-            by_protocol = groups.setdefault((label, result["task"]), {})
-            row = by_protocol.setdefault(protocol, Row(label, result["task"]))
-            row.trials.append({k: float(v) for k, v in result["metrics"].items()})
+            _check_partition(partitions.setdefault(task, {}), partition, label, task)
+            protocol = result.get("protocol") or {}
+            recipe = protocol.get("recipe_sha256")
+            key = (recipe or protocol.get("config_sha256"), result.get("init"))
+            row = groups.setdefault((label, task), {}).setdefault(key, Row(label, task))
+            row.trials.append(trial)
+            row.recipe = recipe
             row.config = row.config or result.get("config") or {}
+            declared = config_value(result.get("config") or {}, PRIMARY_KEY)
+            if declared:
+                row.declared[declared] = row.declared.get(declared, 0) + 1
             if result.get("init"):
                 row.inits.add(result["init"])
     rows = []
     for (label, task), by_protocol in groups.items():
         if len(by_protocol) > 1:
-            counts = ", ".join(f"{_tag(p)}: {len(r.trials)}" for p, r in by_protocol.items())
+            tags = _tags(list(by_protocol))
+            counts = ", ".join(f"{tags[k]}: {len(r.trials)}" for k, r in by_protocol.items())
             notes.append(
                 f"row {label!r} ({task}): its trials ran {len(by_protocol)} different protocols"
-                f" (config hash: trials {counts}); not pooled, one row each"
+                f" (recipe hash or init: trials {counts}); not pooled, one row each"
             )
-            for protocol, row in by_protocol.items():
+            for key, row in by_protocol.items():
                 row.base_label = label
-                row.label = f"{label} [{_tag(protocol)}]"
+                row.label = f"{label} [{tags[key]}]"
         rows.extend(by_protocol.values())
     return rows, notes
+
+
+def _check_partition(seen: dict[Any, str], partition: Any, label: str, task: str) -> None:
+    """Refuse a second class partition within one task (none recorded counts as one)."""
+    seen.setdefault(partition, label)
+    if len(seen) > 1:
+        (first, first_label), (second, second_label) = seen.items()
+        rows = (f"row {first_label!r} ({task}) holds trials of" if first_label == second_label
+                else f"rows {first_label!r} and {second_label!r} ({task}) record")  # fmt: skip
+        raise ValueError(
+            f"{rows} different class partitions, which are not comparable:"
+            f" {_partition_text(first)} vs {_partition_text(second)}"
+        )
+
+
+def _tags(keys: list[tuple[str | None, str | None]]) -> dict[tuple[str | None, str | None], str]:
+    """The short names of a split row's parts: what differs of recipe hash and init."""
+    hashes_differ, inits_differ = (len({key[i] for key in keys}) > 1 for i in (0, 1))
+    return {
+        (protocol, init): " ".join(
+            ([_tag(protocol)] if hashes_differ or not inits_differ else [])
+            + ([init or "no init"] if inits_differ else [])
+        )
+        for protocol, init in keys
+    }
 
 
 def _tag(protocol: str | None) -> str:
     """A protocol's short name in labels and notes."""
     return protocol[:8] if protocol else "unrecorded"
+
+
+def primary_metrics(
+    rows: list[Row], override: str | None, notes: list[str]
+) -> dict[str, tuple[str, str] | None]:
+    """Per task, its primary metric and where it comes from: ``override`` where the task's trials
+    report it, else the one its rows declare (``MOCO.PRIMARY_METRIC``), else None.
+
+    Raises:
+        ValueError: rows of a task declare different metrics, the primary metric of a task is not
+            among the metrics its trials report, or no task reports ``override``.
+    """
+    if override is not None and not any(override in t.metrics for r in rows for t in r.trials):
+        reported = {m for r in rows for t in r.trials for m in t.metrics}
+        raise ValueError(f"--primary {override!r} is not among the metrics the trials report:"
+                         f" {_reported(reported)}")  # fmt: skip
+    primaries: dict[str, tuple[str, str] | None] = {}
+    for task in dict.fromkeys(r.task for r in rows):
+        task_rows = [r for r in rows if r.task == task]
+        reported = {m for r in task_rows for t in r.trials for m in t.metrics}
+        declared: dict[str, list[str]] = {}
+        for row in task_rows:
+            for metric in row.declared:
+                declared.setdefault(metric, []).append(row.label)
+        if override is not None and override in reported:
+            primaries[task] = override, "set by --primary"
+            if set(declared) - {override}:
+                notes.append(f"{task}: primary metric {override!r} set by --primary, not the"
+                             f" declared {_declarations(declared)}")  # fmt: skip
+            continue
+        if len(declared) > 1:
+            raise ValueError(f"rows of {task} declare different primary metrics"
+                             f" ({PRIMARY_KEY}): {_declarations(declared)}")  # fmt: skip
+        if not declared:
+            primaries[task] = None
+            continue
+        ((metric, labels),) = declared.items()
+        if metric not in reported:
+            raise ValueError(
+                f"the primary metric {metric!r} ({task}, {PRIMARY_KEY} of {', '.join(labels)})"
+                f" is not among the metrics its trials report: {_reported(reported)}"
+            )
+        silent = [r.label for r in task_rows if not r.declared]
+        if silent or any(sum(r.declared.values()) < len(r.trials) for r in task_rows):
+            notes.append(f"{task}: primary metric {metric!r} declared by the trials of"
+                         f" {', '.join(labels)}, not by every trial")  # fmt: skip
+        primaries[task] = metric, f"declared in {PRIMARY_KEY}"
+    return primaries
+
+
+def _declarations(declared: dict[str, list[str]]) -> str:
+    return "; ".join(f"{m!r} by {', '.join(labels)}" for m, labels in declared.items())
+
+
+def _reported(metrics: set[str]) -> str:
+    """The metrics of the paper's columns among ``metrics``, else all of them."""
+    shown = [m for m in DEFAULT_METRICS if m in metrics] or sorted(metrics)
+    return ", ".join(shown)
 
 
 def _baseline(
@@ -166,22 +376,75 @@ def _baseline(
 
 
 @dataclass
+class Comparison:
+    """``row - baseline`` on one metric: each analysis, how the pairs were formed (or why there
+    are none), and each analysis's Holm-adjusted p within its family."""
+
+    tests: dict[str, Difference]  # TESTS: "welch", "bootstrap", and "paired" where valid
+    pairing: str
+    holm: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class Cell:
-    """One row's metric: its sample, expected value and flag, differences to the baselines."""
+    """One row's metric: its sample, expected value and flag, comparisons with the baselines."""
 
     sample: Sample
     expected: tuple[float, float | None, int] | None = None
     flag: str | None = None
-    vs: list[Difference | None] = field(default_factory=list)
+    vs: list[Comparison | None] = field(default_factory=list)
 
 
-def _table(rows: list[Row], baselines: tuple[str | None, ...], wanted: Sequence[str]):
-    """Per task: (task, metrics, [(row, {metric: Cell})])."""
+@dataclass
+class Table:
+    """One task: its primary metric (None: undeclared) and where it comes from, the metrics shown
+    (primary first), and per row its cells."""
+
+    task: str
+    primary: str | None
+    primary_source: str
+    metrics: list[str]
+    body: list[tuple[Row, dict[str, Cell]]]
+
+    def families(self) -> dict[str, list[str]]:
+        """Holm's families: the primary metric, and the others; or all metrics in one."""
+        if self.primary is None:
+            return {"all": self.metrics}
+        return {"primary": [self.primary], "secondary": self.metrics[1:]}
+
+
+def _compare(row: Row, baseline: Row, metric: str) -> Comparison:
+    observations = row.observations(metric), baseline.observations(metric)
+    tests = {
+        "welch": welch(row.sample(metric), baseline.sample(metric)),
+        "bootstrap": two_level_bootstrap(*observations),
+    }
+    if row.recipe is None or baseline.recipe is None:
+        pairing = "not shown: recipe hash (protocol.recipe_sha256) not recorded"
+    elif row.recipe != baseline.recipe:
+        pairing = "not shown: the recipes differ beyond the weights (protocol.recipe_sha256)"
+    else:
+        differences, pairing = pair(*observations)
+        if differences is not None:
+            tests["paired"] = paired_t(differences)
+    return Comparison(tests, pairing)
+
+
+def _table(
+    rows: list[Row],
+    baselines: tuple[str | None, ...],
+    wanted: Sequence[str],
+    primaries: dict[str, tuple[str, str] | None],
+) -> list[Table]:
+    """Per task, a :class:`Table` with every comparison computed and Holm-corrected."""
     tables = []
     for task in dict.fromkeys(r.task for r in rows):
         task_rows = [r for r in rows if r.task == task]
-        present = {m for r in task_rows for t in r.trials for m in t}
-        metrics = [m for m in wanted if m in present]
+        present = {m for r in task_rows for t in r.trials for m in t.metrics}
+        primary, source = primaries.get(task) or (None, "")
+        metrics = ([primary] if primary else []) + [
+            m for m in wanted if m in present and m != primary
+        ]
         by_label = {r.label: r for r in task_rows}
         body = []
         for row in task_rows:
@@ -194,16 +457,31 @@ def _table(rows: list[Row], baselines: tuple[str | None, ...], wanted: Sequence[
                     cell.flag = row.expected.check(m, cell.sample)
                 for b in baselines:
                     other = by_label.get(b)
-                    vs = other is not None and other is not row
-                    cell.vs.append(welch(cell.sample, other.sample(m)) if vs else None)
+                    # each pair once: the random baseline is not compared back with the supervised
+                    mirrored = row.label == baselines[-1] and b == baselines[0]
+                    compared = other is not None and other is not row and not mirrored
+                    cell.vs.append(_compare(row, other, m) if compared else None)
                 cells[m] = cell
             body.append((row, cells))
-        tables.append((task, metrics, body))
+        table = Table(task, primary, source, metrics, body)
+        for family in table.families().values():
+            comparisons = [c for _, cells in body for m in family for c in cells[m].vs if c]
+            for test in TESTS:
+                members = [c for c in comparisons if test in c.tests]
+                for comparison, adjusted in zip(
+                    members, holm([c.tests[test].p for c in members]), strict=True
+                ):
+                    comparison.holm[test] = adjusted
+        tables.append(table)
     return tables
 
 
 def _fmt(value: float, signed: bool = False) -> str:
     return "–" if math.isnan(value) else f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def _p(p: float) -> str:
+    return "–" if math.isnan(p) else f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
 def _difference(d: Difference | None) -> str:
@@ -214,32 +492,130 @@ def _difference(d: Difference | None) -> str:
     return f"{_fmt(d.diff, True)} [{_fmt(d.low, True)}, {_fmt(d.high, True)}] {d.verdict}"
 
 
-def render_markdown(tables, baselines: tuple[str | None, ...], notes: Sequence[str]) -> str:
+def _test_cell(comparison: Comparison, test: str) -> str:
+    d = comparison.tests.get(test)
+    if d is None or math.isnan(d.p):
+        return _difference(d)
+    return f"{_difference(d)}; p {_p(d.p)}, Holm {_p(comparison.holm[test])}"
+
+
+def render_markdown(
+    tables: list[Table], baselines: tuple[str | None, ...], notes: Sequence[str]
+) -> str:
     lines = []
-    for task, metrics, body in tables:
-        lines += [f"## {task}", "", "| row | n | " + " | ".join(metrics) + " |"]
-        lines.append("|---" * (len(metrics) + 2) + "|")
-        for row, cells in body:
-            n = max((cells[m].sample.n for m in metrics), default=0)
-            values = [
-                f"{_fmt(c.sample.mean)} ± {_fmt(c.sample.std)}" for c in map(cells.get, metrics)
-            ]
-            lines.append(f"| {row.label} | {n} | " + " | ".join(values) + " |")
-        for i, (name, baseline) in enumerate(zip(BASELINE_NAMES, baselines, strict=True)):
-            labels = {row.label for row, _ in body}
-            if baseline not in labels or labels == {baseline}:  # no baseline, or nothing beside it
-                continue
-            lines += ["", f"Difference vs the {name} row ({baseline}), 95 % Welch interval:", ""]
-            lines += ["| row | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-            for row, cells in body:
-                if row.label != baseline:
-                    diffs = [_difference(cells[m].vs[i]) for m in metrics]
-                    lines.append(f"| {row.label} | " + " | ".join(diffs) + " |")
-        lines += _expected_lines(body, metrics)
+    for table in tables:
+        lines += [f"## {table.task}", ""]
+        families = table.families()
+        counts = {
+            name: sum(c is not None for _, cells in table.body for m in family for c in cells[m].vs)
+            for name, family in families.items()
+        }
+        if table.primary is None:
+            if counts["all"]:
+                lines += [f"No primary metric declared ({PRIMARY_KEY} or --primary): the"
+                          f" {counts['all']} comparisons of all metrics are one Holm family.", ""]  # fmt: skip
+            lines += _means(table.body, table.metrics)
+            lines += _comparisons(table, table.metrics, baselines)
+        else:
+            lines += [f"### Primary metric: {table.primary}", "",
+                      f"Confirmatory ({table.primary_source}): Holm over its"
+                      f" {counts['primary']} comparisons.", ""]  # fmt: skip
+            lines += _means(table.body, families["primary"])
+            lines += _comparisons(table, families["primary"], baselines)
+            if families["secondary"]:
+                lines += ["", "### Secondary metrics", "",
+                          f"Holm over their {counts['secondary']} comparisons.", ""]  # fmt: skip
+                lines += _means(table.body, families["secondary"])
+                lines += _comparisons(table, families["secondary"], baselines)
+        lines += _backbone_lines(table.body, table.metrics)
+        lines += _analysis_lines(table, baselines)
+        lines += _expected_lines(table.body, table.metrics)
         lines.append("")
     if notes:
         lines += ["## Notes", "", *(f"- {note}" for note in notes), ""]
     return "\n".join(lines)
+
+
+def _means(body, metrics: Sequence[str]) -> list[str]:
+    lines = ["| row | n trials | n backbones | " + " | ".join(metrics) + " |"]
+    lines.append("|---" * (len(metrics) + 3) + "|")
+    for row, cells in body:
+        n = max((cells[m].sample.n for m in metrics), default=0)
+        values = [f"{_fmt(c.sample.mean)} ± {_fmt(c.sample.std)}" for c in map(cells.get, metrics)]
+        lines.append(f"| {row.label} | {n} | {len(row.backbones())} | " + " | ".join(values) + " |")
+    return lines
+
+
+def _comparisons(table: Table, metrics: Sequence[str], baselines) -> list[str]:
+    """One line per metric and comparison: each analysis's difference, 95 % interval, verdict,
+    raw p and Holm-adjusted p."""
+    found = [
+        (m, row, baseline, cells[m].vs[i])
+        for m in metrics
+        for i, baseline in enumerate(baselines)
+        for row, cells in table.body
+        if cells[m].vs[i] is not None
+    ]
+    if not found:
+        return []
+    header = "| metric | comparison | " + " | ".join(f"{TEST_NAMES[t]} 95 %" for t in TESTS) + " |"
+    lines = ["", header, "|---" * (len(TESTS) + 2) + "|"]
+    for m, row, baseline, comparison in found:
+        tests = " | ".join(_test_cell(comparison, t) for t in TESTS)
+        lines.append(f"| {m} | {row.label} - {baseline} | {tests} |")
+    return lines
+
+
+def _backbone_lines(body, metrics: Sequence[str]) -> list[str]:
+    """Per-backbone mean ± std of the rows with several pretrained backbones."""
+    rows = [
+        row for row, _ in body if len(row.backbones()) > 1 and any(t.pretrained for t in row.trials)
+    ]
+    if not rows:
+        return []
+    lines = ["", "Per backbone (rows with several pretrained backbones):", ""]
+    lines += ["| row | backbone | n trials | " + " | ".join(metrics) + " |"]
+    lines.append("|---" * (len(metrics) + 3) + "|")
+    for row in rows:
+        for trials in row.backbones().values():
+            part = Row(row.label, row.task, trials=trials)
+            values = [f"{_fmt(s.mean)} ± {_fmt(s.std)}" for s in map(part.sample, metrics)]
+            lines.append(f"| {row.label} | {trials[0].backbone_name} | {len(trials)} | "
+                         + " | ".join(values) + " |")  # fmt: skip
+    return lines
+
+
+def _analysis_lines(table: Table, baselines) -> list[str]:
+    """What each analysis is, and how each comparison was paired or why not (per metric where
+    the metrics differ)."""
+    outcomes: dict[str, dict[str, list[str]]] = {}
+    for i, baseline in enumerate(baselines):
+        for row, cells in table.body:
+            for m in table.metrics:
+                if cells[m].vs[i] is not None:
+                    by_outcome = outcomes.setdefault(f"{row.label} - {baseline}", {})
+                    by_outcome.setdefault(cells[m].vs[i].pairing, []).append(m)
+    if not outcomes:
+        return []
+    lines = [
+        "", "Each cell: difference [95 % interval] verdict; two-sided p, Holm-adjusted p.",
+        "", "- Welch: the trials of each row as independent samples; right for one backbone per"
+        " row, while with several it takes trials that share a backbone for independent ones.",
+        f"- Two-level bootstrap: {RESAMPLES:,} resamples (seed 0) of each row's backbones, then"
+        " of each drawn backbone's trials; the difference of the means of backbone means,"
+        " percentile interval, p by inverting it. It includes pretraining variance, but is too"
+        " narrow with few backbones (with 3, read it as a lower bound).",
+        "- Paired t, where valid: both rows ran the same recipe apart from the weights"
+        " (protocol.recipe_sha256) on the same trial seeds, so a seed fixed the same data order"
+        " and the same init of the new layers on both sides:",
+    ]  # fmt: skip
+    for name, by_outcome in outcomes.items():
+        if len(by_outcome) == 1:
+            lines.append(f"  - {name}: {next(iter(by_outcome))}")
+        else:
+            parts = [f"{', '.join(ms)}: {how}" for how, ms in by_outcome.items()]
+            lines.append(f"  - {name}: " + "; ".join(parts))
+    return lines
 
 
 def _expected_lines(body, metrics: Sequence[str]) -> list[str]:
@@ -266,39 +642,58 @@ def _expected_lines(body, metrics: Sequence[str]) -> list[str]:
     return lines
 
 
+# The first columns as before the p-values; then per baseline each analysis's numbers
 CSV_COLUMNS = [
     "task", "row", "metric", "n", "mean", "std", "expected_mean", "expected_std", "expected_n",
     "expected_flag",
     *(f"{part}_{name}" for name in BASELINE_NAMES for part in ("diff", "low", "high", "verdict")),
+    "n_backbones", "family",
+    *(f"{part}_{name}" for name in BASELINE_NAMES for part in ("p", "holm_p")),
+    *(f"{test}_{part}_{name}" for name in BASELINE_NAMES for test in TESTS[1:]
+      for part in ("diff", "low", "high", "verdict", "p", "holm_p")),
+    *(f"pairing_{name}" for name in BASELINE_NAMES),
 ]  # fmt: skip
 
 
-def render_csv(tables) -> str:
+def render_csv(tables: list[Table]) -> str:
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    writer = csv.DictWriter(out, CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
     blank = lambda x: "" if x is None or (isinstance(x, float) and math.isnan(x)) else x  # noqa: E731
-    for task, metrics, body in tables:
-        for row, cells in body:
-            for m in metrics:
+    for table in tables:
+        family_of = {m: name for name, family in table.families().items() for m in family}
+        for row, cells in table.body:
+            for m in table.metrics:
                 c = cells[m]
-                values = [task, row.label, m, c.sample.n, c.sample.mean, c.sample.std]
-                values += list(c.expected or (None, None, None)) + [c.flag]
-                for d in c.vs:
-                    values += [d.diff, d.low, d.high, d.verdict] if d else [None] * 4
-                writer.writerow([blank(v) for v in values])
+                values = dict(zip(CSV_COLUMNS[:10], [
+                    table.task, row.label, m, c.sample.n, c.sample.mean, c.sample.std,
+                    *(c.expected or (None, None, None)), c.flag,
+                ], strict=True))  # fmt: skip
+                values |= {"n_backbones": len(row.backbones()), "family": family_of[m]}
+                for name, comparison in zip(BASELINE_NAMES, c.vs, strict=True):
+                    if comparison is None:
+                        continue
+                    for test, d in comparison.tests.items():
+                        prefix = "" if test == "welch" else f"{test}_"
+                        values |= {f"{prefix}{part}_{name}": getattr(d, part)
+                                   for part in ("diff", "low", "high", "verdict", "p")}  # fmt: skip
+                        values[f"{prefix}holm_p_{name}"] = comparison.holm[test]
+                    values[f"pairing_{name}"] = comparison.pairing
+                writer.writerow({k: blank(v) for k, v in values.items()})
     return out.getvalue()
 
 
-def render_png(tables) -> bytes:
-    """Grouped bars (one group per metric, one bar per row) with ± std error bars, per task."""
+def render_png(tables: list[Table]) -> bytes:
+    """Grouped bars (one group per metric, the primary first; one bar per row) with ± std error
+    bars, per task."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4), squeeze=False)
-    for ax, (task, metrics, body) in zip(axes[0], tables, strict=True):
+    for ax, table in zip(axes[0], tables, strict=True):
+        metrics, body = table.metrics, table.body
         width = 0.8 / max(len(body), 1)
         for i, (row, cells) in enumerate(body):
             means = [cells[m].sample.mean for m in metrics]
@@ -308,7 +703,7 @@ def render_png(tables) -> bytes:
             x = [j + (i - (len(body) - 1) / 2) * width for j in range(len(metrics))]
             ax.bar(x, means, width, yerr=errors, capsize=3, label=row.label)
         ax.set_xticks(range(len(metrics)), metrics)
-        ax.set_title(task)
+        ax.set_title(table.task)
         ax.legend(fontsize="small")
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -328,6 +723,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--supervised", default=None, help="label of the supervised row")
     parser.add_argument("--random", default=None, help="label of the random-init row")
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS))
+    parser.add_argument(
+        "--primary", default=None,
+        help=f"the primary metric, instead of the one the trials declare ({PRIMARY_KEY})",
+    )  # fmt: skip
     parser.add_argument(
         "--expected", default=str(config_root() / "expected.yaml"),
         help="expected results per config (default: %(default)s; '' for none)",
@@ -352,9 +751,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _baseline(rows, args.supervised, ("supervised", "supervised-tv"), notes),
             _baseline(rows, args.random, ("random",), notes),
         )
+        primaries = primary_metrics(rows, args.primary, notes)
     for note in notes:
         print(f"moco-report: {note}", file=sys.stderr)
-    tables = _table(rows, baselines, args.metrics)
+    tables = _table(rows, baselines, args.metrics, primaries)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(tables, baselines, notes)

@@ -227,18 +227,26 @@ def _flatten(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
 NOT_PROTOCOL = {
     "SEED": None, "OUTPUT_DIR": None, "VIS_PERIOD": None, "CUDNN_BENCHMARK": None,
     "DATALOADER": ("NUM_WORKERS",), "TEST": ("EVAL_PERIOD",), "SOLVER": ("CHECKPOINT_PERIOD",),
-    # where the data lies, not its labels (class names, keypoint names and flip pairs stay)
-    "MOCO": ("DATASETS.VOC", "DATASETS.COCO", "DATASETS.SEM_SEG"),
+    # where the data lies, not its labels (class names, keypoint names and flip pairs stay); the
+    # metric a study decides on, which moco-report reads
+    "MOCO": ("DATASETS.VOC", "DATASETS.COCO", "DATASETS.SEM_SEG", "PRIMARY_METRIC"),
 }  # fmt: skip
+
+
+# What names or checks the weights, not how they are fine-tuned: blank in recipe_sha256.
+WEIGHTS_KEYS = {"MODEL": ("WEIGHTS",), "MOCO": ("INIT", "CHECK_BACKBONE_WEIGHTS")}
 
 
 def protocol_of(
     given: CfgNode, effective: CfgNode, *, weights_sha256: str | None
 ) -> dict[str, Any]:
     """What makes trials comparable: the effective schedule (after ``REFERENCE_WORLD_SIZE``
-    rescaling), the processes, the software, and ``config_sha256``, a hash of the effective
-    config with the weights by content, without the seed, the output folder, the dataset paths
-    and the logging and loading periods. ``moco-report`` pools only trials with the same hash."""
+    rescaling), the processes, the software, ``config_sha256``, a hash of the effective config
+    with the weights by content, without the seed, the output folder, the dataset paths and the
+    logging and loading periods, and ``recipe_sha256``, the same hash without the weights (also
+    without ``MOCO.INIT`` and ``MOCO.CHECK_BACKBONE_WEIGHTS``, which only name and check them).
+    ``moco-report`` pools the trials of one recipe, whatever backbone each started from, and pairs
+    trials of two rows by seed only where their recipes agree."""
     world_size = comm.get_world_size()
     hashed = yaml.safe_load(effective.dump())
     for key, subkeys in NOT_PROTOCOL.items():
@@ -252,9 +260,14 @@ def protocol_of(
             hashed.pop(key, None)
     hashed["MODEL"]["WEIGHTS"] = weights_sha256 or effective.MODEL.WEIGHTS
     hashed["world_size"] = world_size
+    config_sha256 = _sha256(hashed)
+    for key, subkeys in WEIGHTS_KEYS.items():
+        for subkey in subkeys:
+            hashed.get(key, {})[subkey] = ""
     solver = effective.SOLVER
     return {
-        "config_sha256": hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest(),
+        "config_sha256": config_sha256,
+        "recipe_sha256": _sha256(hashed),
         "world_size": world_size,
         "ims_per_batch": solver.IMS_PER_BATCH,
         "ims_per_gpu": solver.IMS_PER_BATCH // world_size,
@@ -265,6 +278,10 @@ def protocol_of(
         "detectron2": detectron2.__version__,
         "torch": torch.__version__,
     }
+
+
+def _sha256(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def write_trial_results(
