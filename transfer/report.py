@@ -14,8 +14,9 @@ Trials are pooled only when they ran the same protocol (``protocol.config_sha256
 ``moco-transfer``): a row whose trials differ is split into one row per protocol, with a note.
 A file that cannot be read (truncated, no task or metrics, non-numeric metrics, an unknown task)
 is named in one line and skipped. Expected numbers come from ``configs/expected.yaml`` (or
-``--expected``), matched on the trials' recorded config; a row further than two combined standard
-errors from them is flagged with the likeliest causes.
+``--expected``), matched on the trials' recorded config and on how their weights were pretrained
+(``pretraining``); a row further than two combined standard errors from numbers checked against
+their source is flagged with the likeliest causes (unverified numbers are shown, never flagged).
 
 Writes ``report.md``, ``report.csv`` and ``report.png`` (bars with ± std error bars) into
 ``--output``, each replaced atomically and computed from the files alone: rerunning never loses
@@ -73,6 +74,7 @@ class Row:
     inits: set[str] = field(default_factory=set)
     trials: list[dict[str, float]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)  # the first trial's recorded config
+    pretraining: dict[str, Any] = field(default_factory=dict)  # and its weights' provenance
     expected: Expected | None = None
 
     def sample(self, metric: str) -> Sample:
@@ -118,6 +120,7 @@ def collect_rows(row_args: Sequence[str]) -> tuple[list[Row], list[str]]:
             row = by_protocol.setdefault(protocol, Row(label, result["task"]))
             row.trials.append({k: float(v) for k, v in result["metrics"].items()})
             row.config = row.config or result.get("config") or {}
+            row.pretraining = row.pretraining or result.get("pretraining") or {}
             if result.get("init"):
                 row.inits.add(result["init"])
     rows = []
@@ -255,7 +258,8 @@ def _expected_lines(body, metrics: Sequence[str]) -> list[str]:
             for m, c in cells.items()
             if c.expected
         ]
-        lines.append(f"- {row.label}: {exp.name} ({exp.source}; {exp.trials} trials): "
+        unverified = "" if exp.verified else f"; unverified (checked: {exp.checked}), never flagged"
+        lines.append(f"- {row.label}: {exp.name} ({exp.source}; {exp.trials} trials{unverified}): "
                      + ", ".join(values))  # fmt: skip
         flagged = [f"**{cells[m].flag}: {m}**" for m in metrics if cells[m].flag]
         if flagged:
@@ -343,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"no readable results in {args.rows}: " + "; ".join(notes))
         entries = load_expected(args.expected) if args.expected else []
         for row in rows:
-            found = find_expected(entries, row.config)
+            found = find_expected(entries, row.config, row.pretraining)
             row.expected = found[0] if len(found) == 1 else None
             if len(found) > 1:
                 notes.append(f"row {row.label!r} matches {len(found)} expected entries"
