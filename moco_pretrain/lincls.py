@@ -18,8 +18,8 @@ Deviations from the official script, on purpose:
   the first epoch, after a resume and at the end; the official one re-reads the MoCo file once.
 * ``results.json`` reports the last epoch's top-1/top-5 (the official script prints, and saves the
   model of, the best epoch; ``best_top1`` is reported as well).
-* On CUDA the training forward runs under the engine's autocast (``TRAIN.AMP_DTYPE``, bf16 by
-  default; ``""`` gives the official fp32); validation always runs in fp32.
+* On CUDA the training forward runs in fp32 as the official script's, or, opted in, under the
+  engine's autocast (``TRAIN.AMP_DTYPE bf16``); validation always runs in fp32.
 * The official script saves a checkpoint every epoch and copies the best one; here the engine's
   ``checkpoint_NNNN.pth.tar`` files (atomic, ``TRAIN.KEEP_LAST``) and an atomic
   ``model_best.pth.tar``.

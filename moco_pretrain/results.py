@@ -4,7 +4,8 @@ Written by ``moco-lincls``, ``moco-knn``, the supervised baseline and ``moco-tra
 per trial); read by ``moco-report`` and the studies. A record is a JSON object with at least
 ``task`` (``lincls``, ``knn``, ``supervised``, ``detection``, ``sem_seg``) and ``metrics`` (name -> number),
 then the resolved ``config`` and, for pretrained weights, ``checkpoint``, ``checkpoint_sha256`` and
-``layout``; tasks add their own entries (``epoch``, ``k``, ``init``, ``trial``, ...).
+``layout``; tasks add their own entries (``epoch``, ``k``, ``init``, ``trial``, ...; ``moco-transfer``
+adds ``pretraining``, the provenance ``moco-convert`` wrote into the weight file, or null).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def read_results(path: str | Path) -> dict[str, Any]:
 
     Raises:
         ValueError: naming ``path``: it cannot be read as JSON, is not an object with ``task`` and
-            numeric ``metrics``, or has a ``protocol``, ``init`` or ``config`` of the wrong type.
+            numeric ``metrics``, or has a ``protocol``, ``init``, ``config`` or ``pretraining`` of
+            the wrong type.
     """
     try:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -63,7 +65,7 @@ def read_results(path: str | Path) -> dict[str, Any]:
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()
     ):
         raise ValueError(f"{path}: 'metrics' must map names to numbers")
-    for key, kind in (("protocol", dict), ("init", str), ("config", dict)):
+    for key, kind in (("protocol", dict), ("init", str), ("config", dict), ("pretraining", dict)):
         if record.get(key) is not None and not isinstance(record[key], kind):
             raise ValueError(f"{path}: {key!r} must be a {kind.__name__}")
     return record

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from .checkpoint import load_checkpoint
 from .files import file_sha256
@@ -54,7 +55,9 @@ class BackboneWeights:
         state_dict: ``conv1.weight``, ``bn1.*``, ``layer1.0.conv1.weight``, ...,
             ``layerN.0.downsample.{0,1}.*`` -> tensor.
         layout: the detected source layout (see the module docstring).
-        meta: ``path``, ``sha256`` of the file, ``epoch`` and ``arch`` when the file records them.
+        meta: ``path``, ``sha256`` of the file; ``epoch`` (epochs completed) and ``arch`` when the
+            file records them; ``config`` (the recorded config as a dict: our checkpoints store
+            the resolved YAML) and ``data`` (the training data's description) when present.
         dropped: reason (``"projection head"``, ``"key encoder"``, ...) -> dropped source keys.
     """
 
@@ -146,6 +149,17 @@ def _split(
     return backbone, dropped
 
 
+def _recorded_config(config: Any) -> dict[str, Any] | None:
+    """A checkpoint's ``config`` as a dict: ours hold the resolved YAML text (``cfg.dump()``);
+    None for anything else (other checkpoints' configs are not read)."""
+    if isinstance(config, str):
+        try:
+            config = yaml.safe_load(config)
+        except yaml.YAMLError:
+            return None
+    return dict(config) if isinstance(config, Mapping) else None
+
+
 def _detect(state: dict[str, torch.Tensor]) -> str | None:
     if any(k.startswith("encoder_q.") for k in state):
         return "moco_v2" if "encoder_q.fc.0.weight" in state else "moco_v1"
@@ -178,6 +192,11 @@ def load_backbone_state_dict(path: str | Path, *, prefix: str | None = None) -> 
     meta: dict[str, Any] = {"path": str(path), "sha256": file_sha256(path)}
     if isinstance(obj, Mapping):
         meta.update({k: obj[k] for k in ("epoch", "arch") if isinstance(obj.get(k), (int, str))})
+        config = _recorded_config(obj.get("config"))
+        if config:
+            meta["config"] = config
+        if isinstance(obj.get("data"), Mapping):
+            meta["data"] = dict(obj["data"])
 
     if prefix is not None:
         layout = "prefix"

@@ -1,4 +1,5 @@
-"""Config errors: one line naming the file and position or the keys, exit status 2 from every CLI."""
+"""Config errors: one line naming the file and position or the keys, exit status 2 from every CLI;
+the paper recipes' precision defaults."""
 
 from __future__ import annotations
 
@@ -164,3 +165,16 @@ def test_every_command_exits_2_with_one_line(tmp_path, capsys, main, prog, extra
             main([*extra, *argv])
         assert exit_info.value.code == 2
         assert capsys.readouterr().err == f"{prog}: error: {message}\n"
+
+
+@pytest.mark.parametrize(
+    "recipe", ["moco_v1_200ep", "moco_v2_200ep", "moco_v2_200ep_1gpu", "moco_v2_800ep"]
+)
+def test_the_paper_recipes_train_in_fp32_and_nchw_as_the_official_code(recipe):
+    """bf16 autocast and channels-last are an opt-in pair, off unless set."""
+    cfg = setup_cfg(f"pretrain/{recipe}.yaml", pretraining=True)
+    assert (cfg.TRAIN.AMP_DTYPE, cfg.TRAIN.CHANNELS_LAST) == ("", False)
+    fast = setup_cfg(
+        f"pretrain/{recipe}.yaml", ["TRAIN.AMP_DTYPE", "bf16", "TRAIN.CHANNELS_LAST", "True"]
+    )
+    assert (fast.TRAIN.AMP_DTYPE, fast.TRAIN.CHANNELS_LAST) == ("bf16", True)

@@ -17,12 +17,14 @@ import torchvision
 
 from moco_pretrain import MoCo
 from moco_pretrain.checkpoint import with_ddp_prefix
+from moco_pretrain.config import setup_cfg
 from moco_pretrain.weights import load_backbone_state_dict
 from transfer.convert import (
     ConversionError,
     convert_to_detectron2,
     detectron2_key_map,
     main,
+    pretraining_method,
     resnet_tensor_shapes,
 )
 
@@ -96,8 +98,30 @@ def test_our_moco_checkpoints(tmp_path, mlp, layout, head):
     assert dropped["queue"] == ["queue", "queue_ptr"]
     assert converted["matching_heuristics"] is True and converted["__author__"]
     prov = converted["provenance"]
-    assert (prov["layout"], prov["epoch"], prov["arch"]) == (layout, 200, "resnet50")
+    assert (prov["layout"], prov["epochs"], prov["arch"]) == (layout, 200, "resnet50")
+    assert (prov["method"], prov["seed"]) == (layout, None)  # no recorded config
     assert len(prov["source_sha256"]) == 64
+
+
+def test_provenance_of_our_checkpoints_names_method_epochs_seed_and_data(tmp_path):
+    """Our checkpoints record the resolved config (YAML text) and, on the main branch, the
+    training data; the .pkl's provenance copies the seed and merges the data."""
+    _, model = _moco_checkpoint(tmp_path, mlp=True)
+    path = tmp_path / "checkpoint_0009.pth.tar"
+    data = {"classes": ["shirt", "shoe"], "images_sha256": "ab" * 32}
+    config = setup_cfg(None, ["MODEL.MLP", "True", "SEED", "7"]).dump()
+    state = with_ddp_prefix(model.state_dict())
+    torch.save({"epoch": 10, "arch": "resnet50", "state_dict": state, "config": config,
+                "data": data}, path)  # fmt: skip
+    prov = convert_to_detectron2(load_backbone_state_dict(path))["provenance"]
+    assert (prov["method"], prov["epochs"], prov["seed"], prov["arch"]) == (
+        "moco_v2", 10, 7, "resnet50",
+    )  # fmt: skip
+    assert prov["classes"] == ["shirt", "shoe"] and prov["images_sha256"] == "ab" * 32
+    # a config that is not YAML is not read: the conversion goes on without a seed
+    torch.save({"epoch": 10, "state_dict": state, "config": "a: b: c"}, path)
+    prov = convert_to_detectron2(load_backbone_state_dict(path))["provenance"]
+    assert (prov["method"], prov["seed"]) == ("moco_v2", None) and "classes" not in prov
 
 
 def test_official_moco_v2_layout(tmp_path, resnet50_state):
@@ -111,7 +135,8 @@ def test_official_moco_v2_layout(tmp_path, resnet50_state):
     torch.save({"epoch": 800, "arch": "resnet50", "state_dict": state}, path)
     converted = convert_to_detectron2(load_backbone_state_dict(path))
     assert set(converted["model"]) == _d2_names()
-    assert converted["provenance"]["layout"] == "moco_v2"
+    prov = converted["provenance"]
+    assert (prov["layout"], prov["method"], prov["epochs"]) == ("moco_v2", "moco_v2", 800)
 
 
 def test_moco_v3_layout(tmp_path, resnet50_state):
@@ -133,6 +158,10 @@ def test_moco_v3_layout(tmp_path, resnet50_state):
         "base_encoder.fc.0.weight",
         "base_encoder.fc.1.bias",
     ]
+    assert (converted["provenance"]["method"], converted["provenance"]["epochs"]) == (
+        "moco_v3",
+        300,
+    )
 
 
 @pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
@@ -145,6 +174,14 @@ def test_torchvision_and_plain_state_dicts(tmp_path, resnet50_state, wrap):
     assert dropped["classifier"] == ["fc.weight", "fc.bias"]
     assert len(dropped["BN step counters"]) == 53
     assert converted["model"]["stem.conv1.weight"].dtype.name == "float32"
+    prov = converted["provenance"]  # a supervised classifier, of unknown schedule and seed
+    assert (prov["method"], prov["epochs"], prov["seed"]) == ("supervised", None, None)
+
+
+def test_a_backbone_without_classifier_is_of_unknown_method(tmp_path, resnet50_state):
+    torch.save(_backbone(resnet50_state), tmp_path / "backbone.pth")
+    converted = convert_to_detectron2(load_backbone_state_dict(tmp_path / "backbone.pth"))
+    assert converted["provenance"]["method"] == "unknown"
 
 
 def test_prefix_for_other_layouts(tmp_path, resnet50_state):
@@ -163,6 +200,21 @@ def test_prefix_for_other_layouts(tmp_path, resnet50_state):
         "backbone.net.fc.weight",
     ]
     assert set(convert_to_detectron2(weights)["model"]) == _d2_names()
+    assert pretraining_method(weights) == "unknown"  # neither the keys nor a config say
+
+
+@pytest.mark.parametrize("mlp, method", [(False, "moco_v1"), (True, "moco_v2")])
+def test_a_prefixed_checkpoint_takes_its_method_from_the_recorded_config(
+    tmp_path, resnet50_state, mlp, method
+):
+    state = {f"net.{k}": v for k, v in resnet50_state.items()}
+    config = setup_cfg(None, ["MODEL.MLP", str(mlp)]).dump()
+    torch.save({"model": state, "config": config, "epoch": 3}, tmp_path / "other.pth")
+    weights = load_backbone_state_dict(tmp_path / "other.pth", prefix="net.")
+    prov = convert_to_detectron2(weights)["provenance"]
+    assert (prov["layout"], prov["method"], prov["epochs"], prov["seed"]) == (
+        "prefix", method, 3, 0,
+    )  # fmt: skip
 
 
 def test_missing_and_misshapen_tensors_are_named(tmp_path, resnet50_state):
@@ -202,7 +254,7 @@ def test_recorded_arch_is_suggested(tmp_path):
         convert_to_detectron2(weights)
     converted = convert_to_detectron2(weights, arch="resnet18")
     assert set(converted["model"]) == set(detectron2_key_map("resnet18").values())
-    assert converted["provenance"]["epoch"] == 2
+    assert converted["provenance"]["epochs"] == 2
 
 
 def test_cli_writes_a_verified_pkl(tmp_path, capsys):
@@ -212,9 +264,10 @@ def test_cli_writes_a_verified_pkl(tmp_path, capsys):
     with open(out, "rb") as f:
         data = pickle.load(f)
     assert set(data["model"]) == _d2_names() and data["matching_heuristics"] is True
+    assert data["provenance"]["method"] == "moco_v2"
     printed = capsys.readouterr().out
     assert "converted: 265 tensors" in printed and "projection head" in printed
-    assert "layout:    moco_v2, arch resnet50, epoch 200" in printed
+    assert "layout:    moco_v2, arch resnet50\nmethod:    moco_v2, 200 epochs\n" in printed
     assert [p.name for p in out.parent.iterdir()] == ["moco.pkl"]  # no temporary file left
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -132,6 +133,10 @@ def test_voc_two_iterations_and_evaluation(tmp_path, backbone_pkl):
     assert first["checkpoint_sha256"] and first["config"]["MODEL"]["ROI_HEADS"]["NAME"] == (
         "Res5ROIHeadsExtraNorm"
     )
+    # how the weights were pretrained: the .pkl's provenance (a torchvision classifier here)
+    with open(backbone_pkl, "rb") as f:
+        assert first["pretraining"] == pickle.load(f)["provenance"]
+    assert (first["pretraining"]["method"], first["pretraining"]["epochs"]) == ("supervised", None)
     # rerunning the series skips finished trials: results.json is not rewritten
     stamp = (output / "trial_0" / "results.json").stat().st_mtime_ns
     main([*argv, *opts, "OUTPUT_DIR", str(output)])
@@ -142,6 +147,18 @@ def test_voc_two_iterations_and_evaluation(tmp_path, backbone_pkl):
     argv = ["--config-file", "detection/instant_test_voc_R_50_C4.yaml", "--eval-only"]
     main([*argv, *opts, "MODEL.WEIGHTS", str(final), "OUTPUT_DIR", str(tmp_path / "eval")])
     assert _results(tmp_path / "eval")["metrics"] == first["metrics"]
+    assert _results(tmp_path / "eval")["pretraining"] is None  # a detectron2 checkpoint: no record
+
+
+def test_weights_provenance_is_read_from_converted_pkls_only(tmp_path, backbone_pkl):
+    from transfer.train_net import weights_provenance
+
+    provenance = weights_provenance(str(backbone_pkl))
+    assert provenance["method"] == "supervised" and provenance["converted_as"] == "resnet50"
+    msra = tmp_path / "R-50.pkl"  # detectron2's own weight files hold no provenance
+    msra.write_bytes(pickle.dumps({"blobs": {"conv1_w": np.zeros(1)}, "__author__": "Detectron"}))
+    for weights in (str(msra), "", "detectron2://ImageNetPretrained/MSRA/R-50.pkl"):
+        assert weights_provenance(weights) is None
 
 
 def test_bn_statistics_are_averaged_after_precise_bn_and_the_schedule_rescaled(

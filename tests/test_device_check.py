@@ -77,8 +77,8 @@ def test_each_part_reports_its_figures(tool, dry_run):
     assert results["gpu_tests"]["counts"] == {"skipped": len(outcomes)}  # no GPU here
     assert "tests.test_cuda::test_a_training_step_needs_no_host_sync" in outcomes
     assert "tests.test_gpu_augment::test_cuda_views_need_no_host_sync" in outcomes
-    for name, mode, compiled in (("model", "model", False), ("e2e", "e2e", False),
-                                 ("compile", "model", True)):  # fmt: skip
+    for name, mode, compiled in (("model", "model", False), ("model_bf16", "model", False),
+                                 ("e2e", "e2e", False), ("compile", "model", True)):  # fmt: skip
         config = results[name]["config"]
         assert (config["arch"], config["batch_size"], config["K"], config["mlp"]) == (
             "resnet18", 8, 64, True,
@@ -86,6 +86,10 @@ def test_each_part_reports_its_figures(tool, dry_run):
         assert (config["mode"], config["compile"]) == (mode, compiled)
         assert results[name]["ours"]["images_per_s"] > 0
     assert results["e2e"]["config"]["aug"] == "device"
+    # the opt-in pair reaches the bf16 part only (a CPU records neither: both are CUDA-only)
+    commands = {name: report["parts"][name]["command"] for name in ("model", "model_bf16")}
+    assert commands["model_bf16"].endswith(" TRAIN.AMP_DTYPE bf16 TRAIN.CHANNELS_LAST True")
+    assert "TRAIN.AMP_DTYPE" not in commands["model"]
     assert results["e2e"]["ours"]["split_ms"]["augment"] > 0  # the device path augments
     profile = results["compile_profile"]
     assert list(profile) == ["ours"] and profile["ours"]["timed"] == "ops"
@@ -108,12 +112,14 @@ def test_targets_are_measured_but_not_judged_in_a_dry_run(dry_run):
     _, report = dry_run
     targets, parts = report["targets"], report["parts"]
     assert {name: (t["target"], t["met"]) for name, t in targets.items()} == {
+        "model_speedup_fp32": (">= 1.0", None),
         "model_speedup": (">= 2.5", None),
         "model_peak_memory": ("<= 0.6", None),
         "e2e_of_model_only": (">= 0.8", None),
     }
-    model, e2e = parts["model"]["result"], parts["e2e"]["result"]
-    assert targets["model_speedup"]["measured"] == model["ratio"]["images_per_s"]
+    model, bf16, e2e = (parts[name]["result"] for name in ("model", "model_bf16", "e2e"))
+    assert targets["model_speedup_fp32"]["measured"] == model["ratio"]["images_per_s"]
+    assert targets["model_speedup"]["measured"] == bf16["ratio"]["images_per_s"]
     e2e_fraction = e2e["ours"]["images_per_s"] / model["ours"]["images_per_s"]
     assert targets["e2e_of_model_only"]["measured"] == pytest.approx(e2e_fraction)
 
@@ -131,7 +137,10 @@ def test_the_markdown_tables(tool, dry_run):
     assert f"| profile | timed out | 0 ({TINY_CAP_S:g}) | killed after its cap of 0.05 s |" in lines
     for name, part in report["parts"].items():
         assert sum(line.startswith(f"| {name} | {part['status']} | ") for line in lines) == 1
-    assert "| ours/baseline images/s, model only | >= 2.5 |" in "\n".join(lines)
+    assert "| ours bf16 channels-last / baseline images/s, model only | >= 2.5 |" in "\n".join(
+        lines
+    )
+    assert "| ours/baseline images/s, model only, both fp32 | >= 1.0 |" in "\n".join(lines)
     assert "## compile_profile, ours: " in "\n".join(lines)
 
 
@@ -197,8 +206,8 @@ def test_without_a_gpu_every_part_is_skipped_with_the_reason(tool, tmp_path):
         name: ("skipped", reason) for name in tool.PARTS[1:]
     }
     assert report["targets"]["model_speedup"] == {
-        "what": "ours/baseline images/s, model only", "target": ">= 2.5", "measured": None,
-        "met": None,
+        "what": "ours bf16 channels-last / baseline images/s, model only", "target": ">= 2.5",
+        "measured": None, "met": None,
     }  # fmt: skip
 
 

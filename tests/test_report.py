@@ -150,20 +150,37 @@ def test_trials_of_different_protocols_are_not_pooled(tmp_path, capsys):
     )
 
 
-def test_rows_far_from_their_expected_numbers_are_flagged(tmp_path):
-    """moco (AP50 82.4 ± 0.14, n 5) against 82.5 ± 0.2 over 5 trials: 0.1 apart, two combined
-    standard errors are 2 sqrt(0.02/5 + 0.04/5) = 0.22: fine. Against 90.0: flagged below."""
-    rows = _fabricate(tmp_path / "runs")
-    for root in (tmp_path / "runs" / "moco").glob("trial_*"):
+V2_200 = {
+    "method": "moco_v2",
+    "epochs": 200,
+}  # a trial's "pretraining", as moco-transfer records it
+
+
+def _record_moco_trials(runs: Path, **extra) -> None:
+    """Give the fabricated moco trials a recorded config (and ``extra`` entries)."""
+    for root in (runs / "moco").glob("trial_*"):
         result = json.loads((root / "results.json").read_text())
         result["config"] = {"MOCO": {"INIT": "moco"}, "SOLVER": {"MAX_ITER": 24000}}
-        _write(root / "results.json", result)
-    expected = tmp_path / "expected.yaml"
-    expected.write_text(
-        '- {name: "VOC MoCo", source: paper, trials: 5,'
-        " match: {MOCO.INIT: moco, SOLVER.MAX_ITER: 24000},"
+        _write(root / "results.json", result | extra)
+
+
+def _expected_file(path: Path, *, checked: str, match: str = "") -> Path:
+    path.write_text(
+        f'- {{name: "VOC MoCo", source: "a table", checked: {checked}, trials: 5,'
+        f" match: {{MOCO.INIT: moco, SOLVER.MAX_ITER: 24000{match}}},"
         " metrics: {bbox/AP50: [82.5, 0.2], bbox/AP: [80.0, 0.2]}}\n"
     )
+    return path
+
+
+def test_rows_far_from_their_expected_numbers_are_flagged(tmp_path):
+    """moco (AP50 82.4 ± 0.14, n 5) against 82.5 ± 0.2 over 5 trials: 0.1 apart, two combined
+    standard errors are 2 sqrt(0.02/5 + 0.04/5) = 0.22: fine. Against 80.0 (AP 57.4): flagged
+    below. The entry names the pretraining method and epochs the trials record."""
+    rows = _fabricate(tmp_path / "runs")
+    _record_moco_trials(tmp_path / "runs", pretraining=V2_200)
+    match = ", pretraining.method: moco_v2, pretraining.epochs: 200"
+    expected = _expected_file(tmp_path / "expected.yaml", checked="paper", match=match)
     main([*rows, "--expected", str(expected), "--output", str(tmp_path / "r")])
     table = _csv(tmp_path / "r")
     ap50, ap = table[("detection", "moco", "bbox/AP50")], table[("detection", "moco", "bbox/AP")]
@@ -171,34 +188,113 @@ def test_rows_far_from_their_expected_numbers_are_flagged(tmp_path):
     assert (ap["expected_mean"], ap["expected_flag"]) == ("80.0", "below expected")
     assert table[("detection", "sup", "bbox/AP")]["expected_mean"] == ""  # no entry matches
     markdown = (tmp_path / "r" / "report.md").read_text()
-    assert "- moco: VOC MoCo (paper; 5 trials): bbox/AP50 82.40 vs 82.50 ± 0.20" in markdown
+    assert "- moco: VOC MoCo (a table; 5 trials): bbox/AP50 82.40 vs 82.50 ± 0.20" in markdown
     assert "**below expected: bbox/AP**" in markdown and "SOLVER.IMS_PER_BATCH" in markdown
+
+
+def test_unverified_numbers_are_shown_but_never_flag_a_row(tmp_path):
+    rows = _fabricate(tmp_path / "runs")
+    _record_moco_trials(tmp_path / "runs")
+    for checked, shown in (("transcription", "transcription"), ('"no"', "no")):
+        expected = _expected_file(tmp_path / "expected.yaml", checked=checked)
+        main([*rows, "--expected", str(expected), "--output", str(tmp_path / "r")])
+        ap = _csv(tmp_path / "r")[("detection", "moco", "bbox/AP")]
+        assert (ap["expected_mean"], ap["expected_flag"]) == ("80.0", "")  # 57.4 vs 80.0
+        markdown = (tmp_path / "r" / "report.md").read_text()
+        assert (
+            f"- moco: VOC MoCo (a table; 5 trials; unverified (checked: {shown}),"
+            " never flagged): bbox/AP50 82.40 vs 82.50 ± 0.20"
+        ) in markdown
+        assert "below expected" not in markdown
+
+
+def test_a_v1_entry_never_judges_a_v2_run(tmp_path):
+    """The same config with other weights: an entry naming MoCo v1 200 epochs matches trials that
+    record it, not v2 trials nor trials without a record (weights from another converter)."""
+    rows = _fabricate(tmp_path / "runs")
+    match = ", pretraining.method: moco_v1, pretraining.epochs: 200"
+    expected = _expected_file(tmp_path / "expected.yaml", checked="paper", match=match)
+    for pretraining, shown in (
+        (V2_200, ""), (None, ""), ({"method": "moco_v1", "epochs": 800}, ""),
+        ({"method": "moco_v1", "epochs": 200, "seed": 3}, "80.0"),
+    ):  # fmt: skip
+        _record_moco_trials(tmp_path / "runs", pretraining=pretraining)
+        main([*rows, "--expected", str(expected), "--output", str(tmp_path / "r")])
+        assert _csv(tmp_path / "r")[("detection", "moco", "bbox/AP")]["expected_mean"] == shown
 
 
 def test_a_single_trial_is_checked_with_the_references_std():
     """One trial has no std: 82.4 against 82.5 ± 0.2 (5 trials) is within 2 sqrt(0.04 + 0.008)."""
-    expected = Expected("VOC", "paper", 5, {"bbox/AP50": (82.5, 0.2)})
+    expected = Expected("VOC", "paper", 5, {"bbox/AP50": (82.5, 0.2)}, "readme")
+    assert expected.verified
     assert expected.check("bbox/AP50", Sample(1, 82.4, math.nan)) is None
     assert expected.check("bbox/AP50", Sample(1, 82.0, math.nan)) == "below expected"
     assert welch(Sample(0, math.nan, math.nan), Sample(3, 1.0, 0.1)).verdict == "no data"
 
 
+@pytest.mark.parametrize("checked", ["transcription", "no"])
+def test_an_unverified_entry_flags_nothing(checked):
+    expected = Expected("VOC", "a table", 5, {"bbox/AP50": (82.5, 0.2)}, checked)
+    assert not expected.verified
+    assert expected.check("bbox/AP50", Sample(5, 60.0, 0.1)) is None  # 225 standard errors off
+
+
+def test_find_expected_reads_pretraining_keys_from_the_provenance():
+    entries = [
+        ({"MOCO.INIT": "moco", "pretraining.method": "moco_v2"}, "v2"),
+        ({"MOCO.INIT": "moco", "pretraining.data.images": 3}, "nested"),
+        ({"MOCO.INIT": "moco"}, "any"),
+    ]
+    config = {"MOCO": {"INIT": "moco"}, "pretraining": {"method": "moco_v2"}}  # not a provenance
+    assert find_expected(entries, config) == ["any"]
+    assert find_expected(entries, config, {"method": "moco_v2"}) == ["v2", "any"]
+    assert find_expected(entries, config, {"method": "moco_v1", "data": {"images": 3}}) == [
+        "nested", "any",
+    ]  # fmt: skip
+
+
+def test_malformed_checked_values_are_named(tmp_path):
+    for value, shown in (("paperish", "'paperish'"), ("no", "False")):  # YAML: a bare no is false
+        path = _expected_file(tmp_path / "expected.yaml", checked=value)
+        with pytest.raises(ValueError, match=rf"entry 0 is malformed .*checked is {shown}"):
+            load_expected(path)
+    (tmp_path / "expected.yaml").write_text(
+        "- {name: x, source: y, trials: 1, match: {}, metrics: {a: [1, null]}}\n"
+    )
+    with pytest.raises(ValueError, match="entry 0 is malformed \\(KeyError: 'checked'\\)"):
+        load_expected(tmp_path / "expected.yaml")
+
+
+V1_200 = {"method": "moco_v1", "epochs": 200}
+
+
 @pytest.mark.parametrize(
-    ("config", "entry"),
+    ("config", "pretraining", "entry"),
     [
-        ("detection/pascal_voc_R_50_C4_24k_moco.yaml", "24k iterations: MoCo v2, 200 epochs"),
-        ("detection/pascal_voc_R_50_C4_24k.yaml", "24k iterations: ImageNet-1M supervised"),
-        ("detection/coco_R_50_FPN_1x_random.yaml", "R50-FPN 1x: random init"),
-        ("detection/coco_R_50_C4_2x_moco.yaml", "R50-C4 2x: MoCo v1"),
-        ("detection/fashion_scenes_R_18_FPN_sup.yaml", "200 iterations: supervised"),
-        ("detection/deepforest_R_50_C4_random.yaml", "100 iterations: random init"),
-        ("detection/pascal_voc_R_50_C4_24k_tvsup.yaml", None),  # no published number
-        ("detection/instant_test_voc_R_50_C4.yaml", None),
+        ("detection/pascal_voc_R_50_C4_24k_moco.yaml", V2_200, "24k iterations: MoCo v2, 200 epochs"),
+        ("detection/pascal_voc_R_50_C4_24k_moco.yaml", {"method": "moco_v2", "epochs": 800},
+         "24k iterations: MoCo v2, 800 epochs"),
+        ("detection/pascal_voc_R_50_C4_24k_moco.yaml", V1_200, "24k iterations: MoCo v1, 200 epochs"),
+        ("detection/pascal_voc_R_50_C4_24k_moco.yaml", None, None),  # weights of unknown origin
+        ("detection/pascal_voc_R_50_C4_24k.yaml", None, "24k iterations: ImageNet-1M supervised"),
+        ("detection/coco_R_50_FPN_1x_random.yaml", None, "R50-FPN 1x: random init"),
+        ("detection/coco_R_50_C4_2x_moco.yaml", V1_200, "R50-C4 2x: MoCo v1"),
+        ("detection/coco_R_50_C4_2x_moco.yaml", V2_200, None),  # the paper has v1 numbers only
+        ("detection/lvis_v0.5_R_50_FPN_2x.yaml", None, "supervised, BN tuned"),
+        ("detection/lvis_v0.5_R_50_FPN_2x_frozenbn.yaml", None, "supervised, BN frozen"),
+        ("detection/lvis_v0.5_R_50_FPN_2x_moco.yaml", V1_200, "R50-FPN 2x: MoCo v1"),
+        ("detection/fashion_scenes_R_18_FPN_sup.yaml", {"method": "supervised", "epochs": 2},
+         "200 iterations: supervised"),
+        ("detection/fashion_scenes_R_18_FPN_moco.yaml", {"method": "moco_v2", "epochs": 2},
+         "200 iterations: MoCo v2"),
+        ("detection/deepforest_R_50_C4_random.yaml", None, "100 iterations: random init"),
+        ("detection/pascal_voc_R_50_C4_24k_tvsup.yaml", None, None),  # no published number
+        ("detection/instant_test_voc_R_50_C4.yaml", None, None),
     ],
-)
-def test_each_benchmark_config_as_recorded_matches_its_expected_entry(config, entry):
+)  # fmt: skip
+def test_each_benchmark_config_as_recorded_matches_its_expected_entry(config, pretraining, entry):
     """The config as moco-transfer records it (detectron2 defaults + plugin keys + the YAML,
-    through yaml) against the packaged file."""
+    through yaml) and the weights' provenance against the packaged file."""
     pytest.importorskip("detectron2")
     from detectron2.config import get_cfg
 
@@ -208,9 +304,8 @@ def test_each_benchmark_config_as_recorded_matches_its_expected_entry(config, en
     cfg = get_cfg()
     add_moco_config(cfg)
     cfg.merge_from_file(str(resolve_config_file(config)))
-    found = find_expected(
-        load_expected(config_root() / "expected.yaml"), yaml.safe_load(cfg.dump())
-    )
+    entries = load_expected(config_root() / "expected.yaml")
+    found = find_expected(entries, yaml.safe_load(cfg.dump()), pretraining)
     assert [entry in e.name for e in found] == ([True] if entry else [])
 
 
@@ -220,9 +315,16 @@ def test_the_packaged_expected_numbers_load_and_match_one_entry_each():
     entries = load_expected(config_root() / "expected.yaml")
     voc_moco = {"MOCO": {"INIT": "moco"}, "DATASETS": {"TEST": ["voc_2007_test"]},
                 "SOLVER": {"MAX_ITER": 24000}, "MODEL": {"RESNETS": {"DEPTH": 50}}}  # fmt: skip
-    (found,) = find_expected(entries, voc_moco)
+    (found,) = find_expected(entries, voc_moco, {**V2_200, "arch": "resnet50", "seed": 0})
     assert found.metrics["bbox/AP50"] == (82.4, 0.2) and found.trials == 5
+    assert found.checked == "readme" and found.verified
+    (random,) = find_expected(entries, voc_moco | {"MOCO": {"INIT": "random"}})
+    assert random.metrics["bbox/AP50"] == (60.2, 0.2) and not random.verified  # Table 2b, R50-C4
     assert len({e.name for _, e in entries}) == len(entries)
+    for match, e in entries:
+        if match["MOCO.INIT"] == "moco":  # never judged against another method's numbers
+            assert {"pretraining.method", "pretraining.epochs"} <= set(match), e.name
+        assert (e.checked == "study") == e.source.startswith("results/"), e.name
 
 
 def test_bad_files_are_named_and_skipped(tmp_path, capsys):

@@ -6,8 +6,9 @@ Both variants train the same model on the same batches with the project's engine
 alternating in rounds so that a noisy machine slows both alike:
 
 * ``ours``: :func:`moco_pretrain.pretrain.build_moco` as ``run_pretraining`` sets it up (CUDA:
-  ``TRAIN.AMP_DTYPE`` autocast, ``TRAIN.CHANNELS_LAST``; CPU: fp32; fused SGD on both;
-  ``TRAIN.COMPILE``), vectorised momentum update, host syncs only every ``TRAIN.LOG_PERIOD``;
+  fp32 and NCHW by default, ``TRAIN.AMP_DTYPE`` autocast and ``TRAIN.CHANNELS_LAST`` when opted
+  in; CPU: fp32; fused SGD on both; ``TRAIN.COMPILE``), vectorised momentum update, host syncs
+  only every ``TRAIN.LOG_PERIOD``;
 * ``baseline``: what the official ``main_moco.py`` does: fp32, a Python loop over parameters for
   the momentum update, no channels-last, the single-tensor SGD of its time, and a host sync
   every iteration (its ``loss.item()``).

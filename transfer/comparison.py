@@ -301,23 +301,40 @@ def _listed(seeds: set[int]) -> str:
     return "{" + ", ".join(map(str, sorted(seeds))) + "}"
 
 
+# How an expected entry's numbers were checked: against the source itself (the paper's text, the
+# official README, this repository's committed study), only against a public transcription of
+# the paper's table, or not at all. Only the first three can flag a row.
+VERIFIED = ("paper", "readme", "study")
+CHECKED = (*VERIFIED, "transcription", "no")
+
+
 @dataclass(frozen=True)
 class Expected:
-    """A reference result: who reported it, with how many trials, and per metric (mean, std)."""
+    """A reference result: who reported it, with how many trials, per metric (mean, std), and how
+    its numbers were checked against that source (one of :data:`CHECKED`)."""
 
     name: str
     source: str
     trials: int
     metrics: dict[str, tuple[float, float | None]]
+    checked: str
+
+    @property
+    def verified(self) -> bool:
+        """Checked against the source itself: only then can a row be flagged against it."""
+        return self.checked in VERIFIED
 
     def check(self, metric: str, row: Sample) -> str | None:
         """``"below expected"`` / ``"above expected"`` when ``row``'s mean lies further from the
-        reference than two combined standard errors, else None (also when no std is known).
+        reference than two combined standard errors, else None (also when no std is known, and
+        for an entry that is not :attr:`verified`).
 
         A row of one trial has no std of its own: the reference's std stands in for it. Two
         standard errors, not a t quantile: with 3 trials a row in agreement is flagged about one
         time in eight, so a flag asks for a look, it is no verdict.
         """
+        if not self.verified:
+            return None
         mean, std = self.metrics[metric]
         row_std = row.std if row.n > 1 else std
         if std is None or row_std is None or math.isnan(row.mean):
@@ -329,10 +346,11 @@ class Expected:
 
 
 def load_expected(path: str | Path) -> list[tuple[dict[str, Any], Expected]]:
-    """The entries of an expected-results file: (the config values they hold for, the result).
+    """The entries of an expected-results file: (the values they hold for, the result).
 
     Raises:
-        ValueError: an entry lacks a field or has a malformed metric.
+        ValueError: an entry lacks a field, has a malformed metric or a ``checked`` outside
+            :data:`CHECKED`.
     """
     entries = []
     for i, entry in enumerate(yaml.safe_load(Path(path).read_text()) or []):
@@ -341,7 +359,11 @@ def load_expected(path: str | Path) -> list[tuple[dict[str, Any], Expected]]:
                 name: (float(value[0]), None if value[1] is None else float(value[1]))
                 for name, value in entry["metrics"].items()
             }
-            expected = Expected(entry["name"], entry["source"], int(entry["trials"]), metrics)
+            if entry["checked"] not in CHECKED:
+                raise ValueError(f"checked is {entry['checked']!r}, expected one of {CHECKED}")
+            expected = Expected(
+                entry["name"], entry["source"], int(entry["trials"]), metrics, entry["checked"]
+            )
             entries.append((dict(entry["match"]), expected))
         except (KeyError, TypeError, IndexError, ValueError) as err:
             raise ValueError(
@@ -361,9 +383,20 @@ def config_value(config: dict[str, Any], dotted: str) -> Any:
 
 
 def find_expected(
-    entries: list[tuple[dict[str, Any], Expected]], config: dict[str, Any]
+    entries: list[tuple[dict[str, Any], Expected]],
+    config: dict[str, Any],
+    pretraining: dict[str, Any] | None = None,
 ) -> list[Expected]:
-    """The entries whose every ``match`` key has the value ``config`` records (one, normally)."""
-    return [
-        e for match, e in entries if all(config_value(config, k) == v for k, v in match.items())
-    ]
+    """The entries whose every ``match`` key has the value the trial records (one, normally).
+
+    A key ``pretraining.K`` is looked up as ``K`` in ``pretraining`` (a ``results.json``'s
+    ``pretraining``: how the weights were pretrained, e.g. ``method`` and ``epochs``; None or
+    empty for weights without one), every other key in ``config``.
+    """
+
+    def value(key: str) -> Any:
+        if key.startswith("pretraining."):
+            return config_value(pretraining or {}, key.removeprefix("pretraining."))
+        return config_value(config, key)
+
+    return [e for match, e in entries if all(value(k) == v for k, v in match.items())]

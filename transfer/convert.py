@@ -21,7 +21,10 @@ to (almost) nothing. Here the head and key encoder are dropped by name
 (:mod:`moco_pretrain.weights`), every expected tensor must be present with its exact shape,
 nothing may be left over, and no file is written on error. ``num_batches_tracked`` counters are
 dropped (Detectron2's norms do not use them). The file is written atomically and records its
-provenance. This module does not import Detectron2.
+provenance (``"provenance"``: the source file, how the backbone was pretrained, for how many
+epochs, with which seed and data), which ``moco-transfer`` copies into every trial's
+``results.json`` and ``moco-report`` matches expected results on. This module does not import
+Detectron2.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ __all__ = [
     "ConversionError",
     "convert_to_detectron2",
     "detectron2_key_map",
+    "pretraining_method",
     "resnet_tensor_shapes",
     "write_detectron2_pkl",
     "main",
@@ -133,13 +137,17 @@ def convert_to_detectron2(weights: BackboneWeights, *, arch: str = "resnet50") -
     dropped = dict(weights.dropped)
     if counters:
         dropped["BN step counters"] = counters
+    config = weights.meta.get("config", {})
     provenance = {
+        **weights.meta.get("data", {}),  # the training data's description, when recorded
         "source": str(source),
         "source_sha256": weights.meta.get("sha256"),
         "layout": weights.layout,
-        "epoch": weights.meta.get("epoch"),
+        "method": pretraining_method(weights),
+        "epochs": weights.meta.get("epoch"),  # epochs completed, as the official checkpoints
         "arch": weights.meta.get("arch", arch),
         "converted_as": arch,
+        "seed": config.get("SEED"),  # our checkpoints' config; None for others
         "dropped": dropped,  # reason -> source keys dropped by name
     }
     return {
@@ -148,6 +156,24 @@ def convert_to_detectron2(weights: BackboneWeights, *, arch: str = "resnet50") -
         "matching_heuristics": True,
         "provenance": provenance,
     }
+
+
+def pretraining_method(weights: BackboneWeights) -> str:
+    """How the backbone was trained, as ``moco-report`` matches expected results on it.
+
+    ``moco_v1`` / ``moco_v2`` (the v2 MLP head, ``encoder_q.fc.0`` / ``fc.2``, in the keys, or
+    for a ``--prefix`` checkpoint a recorded config's ``MODEL.MLP``), ``moco_v3``,
+    ``supervised`` (a torchvision-layout classifier: its ``fc`` was dropped), else ``unknown``.
+    """
+    if weights.layout in ("moco_v1", "moco_v2", "moco_v3"):
+        return weights.layout
+    if weights.layout == "torchvision" and "classifier" in weights.dropped:
+        return "supervised"
+    model = weights.meta.get("config", {}).get("MODEL")
+    mlp = model.get("MLP") if isinstance(model, dict) else None
+    if weights.layout == "prefix" and isinstance(mlp, bool):
+        return "moco_v2" if mlp else "moco_v1"
+    return "unknown"
 
 
 def write_detectron2_pkl(converted: dict[str, Any], path: str | Path) -> None:
@@ -179,7 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_detectron2_pkl(converted, args.output)
     prov = converted["provenance"]
     print(f"source:    {args.input} (sha256 {prov['source_sha256'][:16]}...)")
-    print(f"layout:    {prov['layout']}, arch {prov['arch']}, epoch {prov['epoch']}")
+    print(f"layout:    {prov['layout']}, arch {prov['arch']}")
+    epochs = "" if prov["epochs"] is None else f", {prov['epochs']} epochs"
+    seed = "" if prov["seed"] is None else f", seed {prov['seed']}"
+    print(f"method:    {prov['method']}{epochs}{seed}")
     print(f"converted: {len(converted['model'])} tensors ({args.arch} backbone, all verified)")
     for reason, keys in prov["dropped"].items():
         print(f"skipped:   {len(keys)} {reason} tensors, e.g. {keys[0]}")

@@ -34,8 +34,10 @@ differ is split into one row per protocol, with a note. Trials of one task that 
 class partitions (``partition``: source and target classes; also some with and some without) are
 refused. A file that cannot be read (truncated, no task or metrics, non-numeric metrics, an
 unknown task, a malformed seed or partition) is named in one line and skipped. Expected numbers
-come from ``configs/expected.yaml`` (or ``--expected``), matched on the trials' recorded config; a
-row further than two combined standard errors from them is flagged with the likeliest causes.
+come from ``configs/expected.yaml`` (or ``--expected``), matched on the trials' recorded config and
+on how their weights were pretrained (``pretraining``); a row further than two combined standard
+errors from numbers checked against their source is flagged with the likeliest causes
+(unverified numbers are shown, never flagged).
 
 Writes ``report.md``, ``report.csv`` and ``report.png`` (bars with ± std error bars, the primary
 metric first) into ``--output``, each replaced atomically and computed from the files alone:
@@ -129,6 +131,7 @@ class Row:
     config: dict[str, Any] = field(default_factory=dict)  # the first trial's recorded config
     recipe: str | None = None  # protocol.recipe_sha256 where recorded: pairing needs it
     declared: dict[str, int] = field(default_factory=dict)  # MOCO.PRIMARY_METRIC -> trials
+    pretraining: dict[str, Any] = field(default_factory=dict)  # and its weights' provenance
     expected: Expected | None = None
 
     def sample(self, metric: str) -> Sample:
@@ -244,6 +247,7 @@ def collect_rows(row_args: Sequence[str]) -> tuple[list[Row], list[str]]:
             declared = config_value(result.get("config") or {}, PRIMARY_KEY)
             if declared:
                 row.declared[declared] = row.declared.get(declared, 0) + 1
+            row.pretraining = row.pretraining or result.get("pretraining") or {}
             if result.get("init"):
                 row.inits.add(result["init"])
     rows = []
@@ -631,7 +635,8 @@ def _expected_lines(body, metrics: Sequence[str]) -> list[str]:
             for m, c in cells.items()
             if c.expected
         ]
-        lines.append(f"- {row.label}: {exp.name} ({exp.source}; {exp.trials} trials): "
+        unverified = "" if exp.verified else f"; unverified (checked: {exp.checked}), never flagged"
+        lines.append(f"- {row.label}: {exp.name} ({exp.source}; {exp.trials} trials{unverified}): "
                      + ", ".join(values))  # fmt: skip
         flagged = [f"**{cells[m].flag}: {m}**" for m in metrics if cells[m].flag]
         if flagged:
@@ -742,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"no readable results in {args.rows}: " + "; ".join(notes))
         entries = load_expected(args.expected) if args.expected else []
         for row in rows:
-            found = find_expected(entries, row.config)
+            found = find_expected(entries, row.config, row.pretraining)
             row.expected = found[0] if len(found) == 1 else None
             if len(found) > 1:
                 notes.append(f"row {row.label!r} matches {len(found)} expected entries"

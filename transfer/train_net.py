@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -284,12 +285,28 @@ def _sha256(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+def weights_provenance(weights: str) -> dict[str, Any] | None:
+    """The ``provenance`` that ``moco-convert`` records in a ``.pkl`` weight file (how the
+    backbone was pretrained: method, epochs, arch, seed, data); None for any other weights.
+
+    Unpickled as detectron2 loads the same file for training (its ``.pkl`` reader is
+    ``pickle.load``): no file that training would not read already.
+    """
+    if not (weights.endswith(".pkl") and os.path.isfile(weights)):
+        return None
+    with open(weights, "rb") as f:
+        data = pickle.load(f, encoding="latin1")
+    provenance = data.get("provenance") if isinstance(data, dict) else None
+    return provenance if isinstance(provenance, dict) else None
+
+
 def write_trial_results(
     cfg: CfgNode, results: dict[str, Any], *, trial: int, effective: CfgNode, config_file: str
 ) -> Path:
     """The trial's ``results.json`` (:mod:`moco_pretrain.results`), read by ``moco-report``:
-    the metrics, the weights' sha256, ``cfg`` as given (before any rescaling), ``config_file`` and
-    the :func:`protocol_of` the ``effective`` config.
+    the metrics, the weights' sha256 and ``pretraining`` (:func:`weights_provenance`), ``cfg``
+    as given (before any rescaling), ``config_file`` and the :func:`protocol_of` the
+    ``effective`` config.
 
     Written atomically: a trial is either finished (its results.json exists, whole) or not.
     """
@@ -308,6 +325,7 @@ def write_trial_results(
         trial=trial,
         seed=cfg.SEED,
         **({"partition": partition} if (partition := partition_of(cfg)) else {}),
+        pretraining=weights_provenance(weights),
     )
 
 
