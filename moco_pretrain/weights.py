@@ -191,7 +191,8 @@ def load_backbone_state_dict(path: str | Path, *, prefix: str | None = None) -> 
     state = _unwrap(obj, path)
     meta: dict[str, Any] = {"path": str(path), "sha256": file_sha256(path)}
     if isinstance(obj, Mapping):
-        meta.update({k: obj[k] for k in ("epoch", "arch") if isinstance(obj.get(k), (int, str))})
+        recorded = ("epoch", "arch", "method")  # "method": a checkpoint that names its own
+        meta.update({k: obj[k] for k in recorded if isinstance(obj.get(k), (int, str))})
         config = _recorded_config(obj.get("config"))
         if config:
             meta["config"] = config

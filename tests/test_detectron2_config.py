@@ -167,6 +167,8 @@ def test_scene_rows_differ_only_in_the_initialisation_and_match_the_pretraining_
         assert (cfg.MODEL.KEYPOINT_ON, cfg.MODEL.MASK_ON) == (True, False)
         assert cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS == len(cfg.TEST.KEYPOINT_OKS_SIGMAS) == 4
         assert cfg.DATASETS.TEST == ("fashion_scenes_keypoints_test",)
+        assert cfg.MOCO.PRIMARY_METRIC == "keypoints/AP"
+        cfg.MOCO.PRIMARY_METRIC = detection.MOCO.PRIMARY_METRIC
         for key in ("KEYPOINT_ON", "MASK_ON", "ROI_KEYPOINT_HEAD"):
             cfg.MODEL[key] = detection.MODEL[key]
         cfg.DATASETS, cfg.TEST.KEYPOINT_OKS_SIGMAS = (

@@ -283,10 +283,9 @@ V1_200 = {"method": "moco_v1", "epochs": 200}
         ("detection/lvis_v0.5_R_50_FPN_2x.yaml", None, "supervised, BN tuned"),
         ("detection/lvis_v0.5_R_50_FPN_2x_frozenbn.yaml", None, "supervised, BN frozen"),
         ("detection/lvis_v0.5_R_50_FPN_2x_moco.yaml", V1_200, "R50-FPN 2x: MoCo v1"),
-        ("detection/fashion_scenes_R_18_FPN_sup.yaml", {"method": "supervised", "epochs": 2},
-         "200 iterations: supervised"),
-        ("detection/fashion_scenes_R_18_FPN_moco.yaml", {"method": "moco_v2", "epochs": 2},
-         "200 iterations: MoCo v2"),
+        # the study's entries hold for its protocol (10 classes, lr 0.04), not today's recipe
+        ("detection/fashion_scenes_R_18_FPN_sup.yaml", {"method": "supervised", "epochs": 2}, None),
+        ("detection/fashion_scenes_R_18_FPN_moco.yaml", {"method": "moco_v2", "epochs": 2}, None),
         ("detection/deepforest_R_50_C4_random.yaml", None, "100 iterations: random init"),
         ("detection/pascal_voc_R_50_C4_24k_tvsup.yaml", None, None),  # no published number
         ("detection/instant_test_voc_R_50_C4.yaml", None, None),

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+import yaml
 
 from moco_pretrain.data import FashionMNIST
 from transfer import benchmark
@@ -63,15 +64,20 @@ def pretraining_ids(data: Path, classes: str) -> set[int]:
     return set(image_ids(build_dataset(**dataset_options(cfg), split="train", transform=None)))
 
 
-def test_every_step_runs_reports_and_a_rerun_trains_nothing(tiny_fashion_mnist, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def two_seed_run(tiny_fashion_mnist, tmp_path_factory) -> tuple[Path, list[str]]:
+    """One benchmark of 2 pretraining seeds, scored on the validation scenes: its work folder and
+    arguments (one per module: detectron2 registers the scenes' names once per process)."""
     pytest.importorskip("detectron2")
-    work = tmp_path / "work"
+    work = tmp_path_factory.mktemp("benchmark") / "work"
     args = argv(tiny_fashion_mnist, work, "--pretrain-seeds", "2", "--eval-split", "val",
                 *TINY_FINE_TUNE)  # fmt: skip
     benchmark.main(args)
-    out = capsys.readouterr().out
-    assert "kNN top-1: MoCo" in out and "linear probe top-1: MoCo" in out
+    return work, args
 
+
+def test_every_step_runs_reports_and_a_rerun_trains_nothing(two_seed_run):
+    work, args = two_seed_run
     schedule = "short-val"
     report = read_report(work / "report" / schedule / "report.csv")
     runs = {
@@ -122,13 +128,11 @@ def test_every_step_runs_reports_and_a_rerun_trains_nothing(tiny_fashion_mnist, 
     assert (work / "report" / schedule / "report.md").read_text() == report
 
 
-def test_no_scene_garment_is_in_any_pretraining_set(tiny_fashion_mnist, tmp_path):
+def test_no_scene_garment_is_in_any_pretraining_set(two_seed_run, tiny_fashion_mnist):
     """The class-disjoint protocol, from the records the runs leave: the pretrained rows trained
     on source-class images only, the scenes hold target-class garments only, and the ids and
     digests agree."""
-    pytest.importorskip("detectron2")
-    work = tmp_path / "work"
-    benchmark.main(argv(tiny_fashion_mnist, work, *TINY_FINE_TUNE))
+    work, _ = two_seed_run
     scenes = json.loads((work / "scenes" / "summary.json").read_text())
     assert scenes["classes"] == TARGET
     for split in ("train", "val", "test"):
@@ -146,6 +150,35 @@ def test_no_scene_garment_is_in_any_pretraining_set(tiny_fashion_mnist, tmp_path
     for record in (moco, supervised):
         assert record["classes"] == SOURCE and record["images"] == 32
         assert record["images_sha256"] == digest
+
+
+@pytest.mark.slow
+def test_controls_epoch_curve_and_long_schedule_extend_a_finished_run(two_seed_run):
+    work, args = two_seed_run
+    pretrained = {p: p.stat().st_mtime_ns for p in (work / "moco").rglob("*.tar")}
+    benchmark.main([*args[: args.index("SOLVER.MAX_ITER")], "--epoch-curve", "1", "2",
+                    "--schedules", "short", "long", "--controls", *TINY_FINE_TUNE])  # fmt: skip
+    assert {p: p.stat().st_mtime_ns for p in pretrained} == pretrained  # reused, not retrained
+    short, long = work / "det" / "short-val", work / "det" / "long-val"
+    for row, init in (("random_bn", "random-bn"), ("moco_m0", "moco")):
+        trials = sorted((short / row).rglob("results.json"))
+        assert [p.parent.parent.name for p in trials] == ["seed_0", "seed_1"]
+        result = json.loads(trials[1].read_text())
+        assert result["init"] == init and result["pretraining"]["seed"] == 1
+    assert json.loads(next((short / "random_bn").rglob("results.json")).read_text())[
+        "pretraining"]["method"] == "random-bn"  # fmt: skip
+    m0 = yaml.safe_load((work / "moco_m0" / "seed_1" / "config.yaml").read_text())
+    assert m0["MODEL"]["M"] == 0.0 and m0["SEED"] == 1
+    for epoch in (1, 2):
+        (trial,) = (short / "epochs" / f"epoch_{epoch}").rglob("results.json")
+        assert json.loads(trial.read_text())["pretraining"]["epochs"] == epoch
+    assert (work / "report" / "short-val" / "ap_vs_epochs.png").read_bytes()[:4] == b"\x89PNG"
+    # the long schedule: the main rows, the first pretraining seed, iterations x3
+    assert sorted(p.parent.relative_to(long).as_posix() for p in long.rglob("results.json")) == [
+        "moco/seed_0/trial_0", "random/trial_0", "sup/seed_0/trial_0",
+    ]  # fmt: skip
+    result = json.loads((long / "moco/seed_0/trial_0/results.json").read_text())
+    assert result["config"]["SOLVER"]["MAX_ITER"] == 6
 
 
 @pytest.mark.slow

@@ -163,8 +163,12 @@ def pretraining_method(weights: BackboneWeights) -> str:
 
     ``moco_v1`` / ``moco_v2`` (the v2 MLP head, ``encoder_q.fc.0`` / ``fc.2``, in the keys, or
     for a ``--prefix`` checkpoint a recorded config's ``MODEL.MLP``), ``moco_v3``,
-    ``supervised`` (a torchvision-layout classifier: its ``fc`` was dropped), else ``unknown``.
+    ``supervised`` (a torchvision-layout classifier: its ``fc`` was dropped), the ``method`` a
+    checkpoint records itself (e.g. ``random-bn``, :mod:`moco_pretrain.controls`), else
+    ``unknown``.
     """
+    if isinstance(weights.meta.get("method"), str):
+        return weights.meta["method"]
     if weights.layout in ("moco_v1", "moco_v2", "moco_v3"):
         return weights.layout
     if weights.layout == "torchvision" and "classifier" in weights.dropped:
