@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 from fvcore.common.config import CfgNode as CN
 
-from .data import HOLDOUT_SPLIT
+# DATA.VAL_SPLIT naming the images DATA.HOLDOUT sets aside from the training split.
+HOLDOUT_SPLIT = "holdout"
 
 _C = CN()
 _C.VERSION = 1

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import atomic_save
 from .data import data_record
-from .distributed import init_distributed
+from .distributed import get_world_size, init_distributed
 from .engine import logger, setup_logging
 from .lincls import build_eval_loader_of
 from .models import build_backbone
@@ -32,6 +32,7 @@ def calibrate_bn(model: nn.Module, loader: DataLoader, *, device: torch.device) 
     (momentum None: a cumulative average, as precise BN), in training mode; returns the number of
     images. Weights and BN affine parameters stay as they are."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None
@@ -40,8 +41,8 @@ def calibrate_bn(model: nn.Module, loader: DataLoader, *, device: torch.device) 
     for batch, _ in loader:
         model(batch.to(device))
         images += len(batch)
-    for norm in norms:
-        norm.momentum = 0.1  # torch's default, for whoever trains the model next
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
     return images
 
 
@@ -55,6 +56,8 @@ def run_random_bn(cfg: CfgNode) -> Path:
     if path.is_file():
         return path
     device = init_distributed()
+    if get_world_size() > 1:  # each process would calibrate on its own shard
+        raise ValueError("the calibrated random init runs in one process (no torchrun)")
     setup_logging(cfg.OUTPUT_DIR)
     torch.manual_seed(cfg.SEED)
     model = build_backbone(cfg.MODEL.ARCH, small_stem=cfg.MODEL.SMALL_STEM).to(device)

@@ -23,8 +23,8 @@ from PIL import Image, ImageFilter
 from torch.utils.data import Dataset, DistributedSampler, Sampler, Subset
 from torchvision import datasets, transforms
 
-# DATA.VAL_SPLIT naming the images DATA.HOLDOUT sets aside from the training split.
-HOLDOUT_SPLIT = "holdout"
+from .config import HOLDOUT_SPLIT
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -349,11 +349,12 @@ def image_ids(dataset: Dataset) -> list[int]:
 
 def data_record(dataset: Dataset, *, name: str, split: str) -> dict[str, Any]:
     """What a run trained on: the data set and split, its classes, the number of images and the
-    SHA-256 of their ids (``image_ids``, comma-separated), to prove two image sets disjoint or
-    equal from the records alone."""
+    SHA-256 of ``name:split:classes:ids`` (``image_ids``, comma-separated), which shows two runs'
+    image sets equal or not (disjointness needs the ids or the classes themselves)."""
     ids = image_ids(dataset)
-    digest = hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
     classes = list(_innermost(dataset, (Subset, SeededSamples)).classes)
+    identity = f"{name}:{split}:{','.join(classes)}:{','.join(map(str, ids))}"
+    digest = hashlib.sha256(identity.encode()).hexdigest()
     return {"name": name, "split": split, "classes": classes, "images": len(ids),
             "images_sha256": digest}  # fmt: skip
 

@@ -66,7 +66,9 @@ def test_the_record_digests_the_image_ids_through_every_wrapper(tiny_fashion_mni
     opts = options(tiny_fashion_mnist, "DATA.CLASSES", "[0, 2]", "DATA.HOLDOUT", "3")
     dataset = limit_samples(build_dataset(**opts, split="train", transform=None), 10)
     record = data_record(dataset, name="fashion_mnist", split="train")
-    ids = ",".join(map(str, [0, 1, 4, 5, 6, 7, 16, 17, 18, 20]))
+    ids = "fashion_mnist:train:T-shirt/top,Pullover:" + ",".join(
+        map(str, [0, 1, 4, 5, 6, 7, 16, 17, 18, 20])
+    )
     assert record == {
         "name": "fashion_mnist", "split": "train", "classes": ["T-shirt/top", "Pullover"],
         "images": 10, "images_sha256": hashlib.sha256(ids.encode()).hexdigest(),
@@ -93,7 +95,7 @@ def test_calibrated_bn_holds_the_exact_statistics_of_the_images():
     torch.manual_seed(0)
     images = torch.randn(12, 3, 4, 4) * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1) + 5
     loader = DataLoader(TensorDataset(images, torch.zeros(12)), batch_size=4)
-    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 2, 1))
+    model = nn.Sequential(nn.BatchNorm2d(3, momentum=0.3), nn.Conv2d(3, 2, 1))
     weights = [p.clone() for p in model.parameters()]
     assert calibrate_bn(model, loader, device=torch.device("cpu")) == 12
     norm = model[0]
@@ -103,5 +105,5 @@ def test_calibrated_bn_holds_the_exact_statistics_of_the_images():
     batch_vars = torch.stack([b.transpose(0, 1).reshape(3, -1).var(dim=1) for b in images.split(4)])
     torch.testing.assert_close(norm.running_var, batch_vars.mean(dim=0))
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
-    assert norm.momentum == 0.1 and norm.num_batches_tracked == 3
+    assert norm.momentum == 0.3 and norm.num_batches_tracked == 3  # its momentum restored
     np.testing.assert_allclose(norm.weight.detach().numpy(), 1.0)

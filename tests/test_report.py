@@ -483,6 +483,38 @@ def test_the_primary_metric_is_the_confirmatory_family(tmp_path):
     )
 
 
+def test_confirmatory_rows_narrow_the_primary_family(tmp_path, capsys):
+    """--confirmatory moco: only moco's 2 primary comparisons are one Holm family; sup - rand
+    joins the secondary ones; naming no row makes every comparison secondary."""
+    root = tmp_path / "runs"
+    rows = [_study(root, "sup", SUP, init="supervised"), _study(root, "moco", MOCO, init="moco")]
+    rows.append(_study(root, "rand", RANDOM, init="random"))
+    main([*rows, "--output", str(tmp_path / "r"), "--confirmatory", "moco"])
+    table = _csv(tmp_path / "r")
+    primary = [table[("detection", "moco", "bbox/AP")][f"holm_p_{b}"] for b in BASELINE_NAMES]
+    raw = [float(table[("detection", "moco", "bbox/AP")][f"p_{b}"]) for b in BASELINE_NAMES]
+    assert [float(p) for p in primary] == pytest.approx(holm(raw), rel=1e-12)
+    assert table[("detection", "sup", "bbox/AP")]["family"] == "secondary"
+    secondary = [
+        float(line[f"p_{b}"]) for (_, row, metric), line in table.items()
+        for b in BASELINE_NAMES if line[f"p_{b}"] and line["family"] == "secondary"
+    ]  # fmt: skip
+    assert len(secondary) == 4  # bbox/AP50's 3 comparisons and sup - rand on bbox/AP
+    sup = table[("detection", "sup", "bbox/AP")]
+    assert float(sup["holm_p_random"]) == pytest.approx(
+        holm(secondary)[secondary.index(float(sup["p_random"]))], rel=1e-12
+    )
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert "Confirmatory (declared in MOCO.PRIMARY_METRIC) for moco: Holm over their 2" in markdown
+    main([*rows, "--output", str(tmp_path / "none"), "--confirmatory"])
+    assert {line["family"] for line in _csv(tmp_path / "none").values()} == {"secondary"}
+    with pytest.raises(SystemExit) as exit_info:
+        main([*rows, "--output", str(tmp_path / "bad"), "--confirmatory", "MoCo"])
+    assert exit_info.value.code == 2
+    assert "--confirmatory names rows that are not here: ['MoCo']" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def _difference_text(line: dict[str, str]) -> str:
     diff, low, high = (
         float(line[k]) for k in ("diff_supervised", "low_supervised", "high_supervised")
@@ -552,3 +584,12 @@ def test_different_class_partitions_are_refused(tmp_path, capsys):
     _fails(capsys, [f"moco={root}", "--output", str(tmp_path / "r2")],
            "row 'moco' (detection) holds trials of different class partitions")  # fmt: skip
     assert not (tmp_path / "r2").exists()
+
+
+def test_the_report_starts_without_torch():
+    """``moco-report`` reads JSON files: importing it must not pull in torch (docs/architecture.md)."""
+    import subprocess
+    import sys
+
+    code = "import sys, transfer.report; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

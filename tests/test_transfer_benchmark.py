@@ -144,7 +144,8 @@ def test_no_scene_garment_is_in_any_pretraining_set(two_seed_run, tiny_fashion_m
     labels = FashionMNIST(tiny_fashion_mnist, split="train").targets.tolist()
     assert {labels[i] for i in ids} == {0, 2, 4, 6, 8}
     assert {labels[i] for i in garments} == {1, 3, 5, 7, 9}
-    digest = hashlib.sha256(",".join(map(str, sorted(ids))).encode()).hexdigest()
+    identity = f"fashion_mnist:train:{','.join(SOURCE)}:{','.join(map(str, sorted(ids)))}"
+    digest = hashlib.sha256(identity.encode()).hexdigest()
     moco = json.loads((work / "moco" / "seed_0" / "summary.json").read_text())["data"]
     supervised = json.loads((work / "supervised" / "seed_0" / "results.json").read_text())["data"]
     for record in (moco, supervised):
@@ -330,3 +331,20 @@ def test_another_partition_in_the_same_work_dir_is_refused(tiny_fashion_mnist, t
         f"moco-benchmark: error: {work.parent} holds runs of the partition source"
     )
     assert (work.parent / benchmark.PARTITION_FILE).read_bytes() == recorded
+
+
+def test_a_backbone_not_pretrained_on_the_source_classes_is_refused(
+    tiny_fashion_mnist, tmp_path, capsys
+):
+    pytest.importorskip("detectron2")
+    checkpoint = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), checkpoint)  # no record of its data
+    err = error_line(
+        capsys, argv(tiny_fashion_mnist, tmp_path / "work", "--pretrained", str(checkpoint))
+    )
+    assert err == (
+        f"moco-benchmark: error: {checkpoint} records no training classes, not the source classes"
+        f" {SOURCE}: pretrain it with DATA.CLASSES set to them (moco-pretrain writes the record"
+        " into its checkpoints)"
+    )
+    assert not (tmp_path / "work" / "weights" / "moco_seed0.pkl").exists()

@@ -192,12 +192,27 @@ def calibrated_random(out: Path, opts: list[str], timer: Timer, step: str) -> Pa
     return timer.run(step, run_random_bn, cfg)
 
 
-def convert(checkpoint: str | Path, path: Path) -> Path:
-    """Detectron2 weights of a ResNet-18 checkpoint; one line if it holds another architecture."""
+def convert(checkpoint: str | Path, path: Path, source: list[str]) -> Path:
+    """Detectron2 weights of a ResNet-18 checkpoint pretrained on the ``source`` classes only;
+    one line if it holds another architecture or records other classes, or none."""
     if not path.is_file():
         backbone = load_backbone_state_dict(checkpoint)
-        write_detectron2_pkl(convert_to_detectron2(backbone, arch=ARCH), path)
+        converted = convert_to_detectron2(backbone, arch=ARCH)
+        check_source(converted["provenance"], checkpoint, source)
+        write_detectron2_pkl(converted, path)
     return path
+
+
+def check_source(provenance: dict[str, Any], checkpoint: str | Path, source: list[str]) -> None:
+    """Refuse a backbone whose record does not show it pretrained on exactly ``source``: its
+    trials would claim a class-disjoint transfer they did not make."""
+    classes = provenance.get("classes")
+    if classes != source:
+        recorded = f"records the classes {classes}" if classes else "records no training classes"
+        raise ValueError(
+            f"{checkpoint} {recorded}, not the source classes {source}: pretrain it with"
+            f" DATA.CLASSES set to them (moco-pretrain writes the record into its checkpoints)"
+        )
 
 
 def check_scenes(scenes: Path, counts: dict[str, int], classes: list[str]) -> None:
@@ -360,7 +375,8 @@ def run(args: argparse.Namespace) -> None:
     weights = work / "weights"
     pkls = {
         "moco": {
-            s: convert(c, weights / f"moco_seed{s}.pkl") for s, c in checkpoints["moco"].items()
+            s: convert(c, weights / f"moco_seed{s}.pkl", partition["source"])
+            for s, c in checkpoints["moco"].items()
         }
     }
     supervised_opts = [*source, *shlex.split(args.supervised_opts)]
@@ -392,8 +408,15 @@ def run(args: argparse.Namespace) -> None:
         }  # fmt: skip
     for row, by_seed in checkpoints.items():
         if row not in pkls:
-            pkls[row] = {s: convert(c, weights / f"{row}_seed{s}.pkl") for s, c in by_seed.items()}
-    curve = epoch_curve_weights(work, args, moco_opts, timer) if args.epoch_curve else {}
+            pkls[row] = {
+                s: convert(c, weights / f"{row}_seed{s}.pkl", partition["source"])
+                for s, c in by_seed.items()
+            }
+    curve = (
+        epoch_curve_weights(work, args, moco_opts, timer, partition["source"])
+        if args.epoch_curve
+        else {}
+    )
     scene_opts = [*scene_options(args.task, scenes, args.eval_split), *recipe_opts[:4]]
     task_dir = TASK_DIRS[args.task]
     rows = {**ROWS, **(CONTROL_ROWS if args.controls else {})}
@@ -430,8 +453,13 @@ def run(args: argparse.Namespace) -> None:
         print(f"\n# Fashion-MNIST scenes, {args.task}, {schedule} schedule, {args.eval_split}"
               f" scenes; source {partition['source']}, target {partition['target']}\n")  # fmt: skip
         output = work / "report" / step
-        report.main([*report_rows, "--output", str(output),
-                     "--supervised", ROWS["sup"][0], "--random", ROWS["random"][0]])  # fmt: skip
+        # The protocol's confirmatory comparisons: MoCo against the two baselines, short
+        # schedule, the default partition, test scenes; everything else is secondary.
+        default = partition_of(build_parser().parse_args([]))
+        primary_run = (schedule, args.eval_split, partition) == ("short", "test", default)
+        confirmatory = [ROWS["moco"][0]] if primary_run else []
+        report.main([*report_rows, "--output", str(output), "--supervised", ROWS["sup"][0],
+                     "--random", ROWS["random"][0], "--confirmatory", *confirmatory])  # fmt: skip
         if curve_dirs:
             metric = recipe_cfg(RECIPES[args.task].format(init="moco"), recipe_opts)
             plot_epoch_curve(
@@ -441,7 +469,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def epoch_curve_weights(
-    work: Path, args: argparse.Namespace, moco_opts: list[str], timer: Timer
+    work: Path, args: argparse.Namespace, moco_opts: list[str], timer: Timer, source: list[str]
 ) -> dict[int, Path]:
     """One MoCo run of max(``--epoch-curve``) epochs (seed 0, every checkpoint kept); its
     converted checkpoints at those epochs."""
@@ -452,7 +480,7 @@ def epoch_curve_weights(
     pretrain(out, opts, timer, "epoch_curve/pretrain")
     checkpointer = Checkpointer(out)
     return {
-        e: convert(checkpointer.path_for(e - 1), work / "weights" / f"moco_curve_ep{e}.pkl")
+        e: convert(checkpointer.path_for(e - 1), work / "weights" / f"moco_curve_ep{e}.pkl", source)
         for e in epochs
     }
 

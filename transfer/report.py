@@ -409,12 +409,29 @@ class Table:
     primary_source: str
     metrics: list[str]
     body: list[tuple[Row, dict[str, Cell]]]
+    confirmatory: frozenset[str] | None = None  # rows compared confirmatorily (None: all)
 
     def families(self) -> dict[str, list[str]]:
-        """Holm's families: the primary metric, and the others; or all metrics in one."""
+        """The metrics of each section: the primary metric, and the others; or all in one."""
         if self.primary is None:
             return {"all": self.metrics}
         return {"primary": [self.primary], "secondary": self.metrics[1:]}
+
+    def family_of(self, row: Row, metric: str) -> str:
+        """The Holm family of ``row``'s comparisons on ``metric``: the primary metric's
+        comparisons of the confirmatory rows are "primary"; the rest "secondary" (or "all")."""
+        if self.primary is None:
+            return "all"
+        confirmed = self.confirmatory is None or row.label in self.confirmatory
+        return "primary" if metric == self.primary and confirmed else "secondary"
+
+    def holm_families(self) -> dict[str, list[Comparison]]:
+        families: dict[str, list[Comparison]] = {}
+        for row, cells in self.body:
+            for m in self.metrics:
+                family = families.setdefault(self.family_of(row, m), [])
+                family.extend(c for c in cells[m].vs if c)
+        return families
 
 
 def _compare(row: Row, baseline: Row, metric: str) -> Comparison:
@@ -439,6 +456,7 @@ def _table(
     baselines: tuple[str | None, ...],
     wanted: Sequence[str],
     primaries: dict[str, tuple[str, str] | None],
+    confirmatory: Sequence[str] | None = None,
 ) -> list[Table]:
     """Per task, a :class:`Table` with every comparison computed and Holm-corrected."""
     tables = []
@@ -467,9 +485,9 @@ def _table(
                     cell.vs.append(_compare(row, other, m) if compared else None)
                 cells[m] = cell
             body.append((row, cells))
-        table = Table(task, primary, source, metrics, body)
-        for family in table.families().values():
-            comparisons = [c for _, cells in body for m in family for c in cells[m].vs if c]
+        chosen = None if confirmatory is None else frozenset(confirmatory)
+        table = Table(task, primary, source, metrics, body, chosen)
+        for comparisons in table.holm_families().values():
             for test in TESTS:
                 members = [c for c in comparisons if test in c.tests]
                 for comparison, adjusted in zip(
@@ -510,10 +528,7 @@ def render_markdown(
     for table in tables:
         lines += [f"## {table.task}", ""]
         families = table.families()
-        counts = {
-            name: sum(c is not None for _, cells in table.body for m in family for c in cells[m].vs)
-            for name, family in families.items()
-        }
+        counts = {name: len(family) for name, family in table.holm_families().items()}
         if table.primary is None:
             if counts["all"]:
                 lines += [f"No primary metric declared ({PRIMARY_KEY} or --primary): the"
@@ -521,14 +536,17 @@ def render_markdown(
             lines += _means(table.body, table.metrics)
             lines += _comparisons(table, table.metrics, baselines)
         else:
-            lines += [f"### Primary metric: {table.primary}", "",
-                      f"Confirmatory ({table.primary_source}): Holm over its"
-                      f" {counts['primary']} comparisons.", ""]  # fmt: skip
+            lines += [
+                f"### Primary metric: {table.primary}",
+                "",
+                _confirmatory_line(table, counts),
+                "",
+            ]
             lines += _means(table.body, families["primary"])
             lines += _comparisons(table, families["primary"], baselines)
             if families["secondary"]:
                 lines += ["", "### Secondary metrics", "",
-                          f"Holm over their {counts['secondary']} comparisons.", ""]  # fmt: skip
+                          f"Holm over the {counts.get('secondary', 0)} secondary comparisons.", ""]  # fmt: skip
                 lines += _means(table.body, families["secondary"])
                 lines += _comparisons(table, families["secondary"], baselines)
         lines += _backbone_lines(table.body, table.metrics)
@@ -538,6 +556,18 @@ def render_markdown(
     if notes:
         lines += ["## Notes", "", *(f"- {note}" for note in notes), ""]
     return "\n".join(lines)
+
+
+def _confirmatory_line(table: Table, counts: dict[str, int]) -> str:
+    source, n = table.primary_source, counts.get("primary", 0)
+    if table.confirmatory is None:
+        return f"Confirmatory ({source}): Holm over its {n} comparisons."
+    if not table.confirmatory:
+        return (f"Not confirmatory in this report ({source}; --confirmatory names no row): its"
+                " comparisons are Holm-corrected with the secondary ones.")  # fmt: skip
+    rows = ", ".join(sorted(table.confirmatory))
+    return (f"Confirmatory ({source}) for {rows}: Holm over their {n} comparisons; the other"
+            " rows' comparisons are secondary.")  # fmt: skip
 
 
 def _means(body, metrics: Sequence[str]) -> list[str]:
@@ -666,7 +696,6 @@ def render_csv(tables: list[Table]) -> str:
     writer.writeheader()
     blank = lambda x: "" if x is None or (isinstance(x, float) and math.isnan(x)) else x  # noqa: E731
     for table in tables:
-        family_of = {m: name for name, family in table.families().items() for m in family}
         for row, cells in table.body:
             for m in table.metrics:
                 c = cells[m]
@@ -674,7 +703,7 @@ def render_csv(tables: list[Table]) -> str:
                     table.task, row.label, m, c.sample.n, c.sample.mean, c.sample.std,
                     *(c.expected or (None, None, None)), c.flag,
                 ], strict=True))  # fmt: skip
-                values |= {"n_backbones": len(row.backbones()), "family": family_of[m]}
+                values |= {"n_backbones": len(row.backbones()), "family": table.family_of(row, m)}
                 for name, comparison in zip(BASELINE_NAMES, c.vs, strict=True):
                     if comparison is None:
                         continue
@@ -733,6 +762,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the primary metric, instead of the one the trials declare ({PRIMARY_KEY})",
     )  # fmt: skip
     parser.add_argument(
+        "--confirmatory", nargs="*", default=None, metavar="LABEL",
+        help="the rows whose primary-metric comparisons are confirmatory (default: all rows;"
+        " none given: no confirmatory comparison in this report, e.g. a secondary schedule)",
+    )  # fmt: skip
+    parser.add_argument(
         "--expected", default=str(config_root() / "expected.yaml"),
         help="expected results per config (default: %(default)s; '' for none)",
     )  # fmt: skip
@@ -757,9 +791,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _baseline(rows, args.random, ("random",), notes),
         )
         primaries = primary_metrics(rows, args.primary, notes)
+        unknown = set(args.confirmatory or ()) - {r.label for r in rows}
+        if unknown:
+            raise ValueError(f"--confirmatory names rows that are not here: {sorted(unknown)}")
     for note in notes:
         print(f"moco-report: {note}", file=sys.stderr)
-    tables = _table(rows, baselines, args.metrics, primaries)
+    tables = _table(rows, baselines, args.metrics, primaries, args.confirmatory)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(tables, baselines, notes)
