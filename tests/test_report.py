@@ -483,6 +483,26 @@ def test_the_primary_metric_is_the_confirmatory_family(tmp_path):
     )
 
 
+def test_welch_over_backbone_means_takes_each_backbone_as_one_value(tmp_path):
+    """MoCo's 3 backbone means against random init's 3 trials (each its own backbone); the
+    supervised row has one backbone, so no interval."""
+    root = tmp_path / "runs"
+    rows = [_study(root, "sup", SUP, init="supervised"), _study(root, "moco", MOCO, init="moco")]
+    rows.append(_study(root, "rand", RANDOM, init="random"))
+    main([*rows, "--output", str(tmp_path / "r")])
+    moco = _csv(tmp_path / "r")[("detection", "moco", "bbox/AP")]
+    means = [statistics.fmean(values) for values in MOCO.values()]
+    expected = stats.ttest_ind(means, RANDOM[None], equal_var=False)
+    assert float(moco["backbones_p_random"]) == pytest.approx(expected.pvalue, rel=1e-10)
+    assert float(moco["backbones_diff_random"]) == pytest.approx(
+        statistics.fmean(means) - statistics.fmean(RANDOM[None])
+    )
+    assert moco["backbones_p_supervised"] == "" and moco["backbones_verdict_supervised"] == (
+        "single trial: no interval"
+    )
+    assert "Welch over backbone means 95 %" in (tmp_path / "r" / "report.md").read_text()
+
+
 def test_confirmatory_rows_narrow_the_primary_family(tmp_path, capsys):
     """--confirmatory moco: only moco's 2 primary comparisons are one Holm family; sup - rand
     joins the secondary ones; naming no row makes every comparison secondary."""

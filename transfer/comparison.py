@@ -49,7 +49,8 @@ from scipy import stats
 
 SINGLE_TRIAL = "single trial: no interval"
 NO_DATA = "no data"
-TESTS = ("welch", "bootstrap", "paired")  # the analyses of a comparison, as the report names them
+# The analyses of a comparison, as the report names them; "backbones": Welch over backbone means.
+TESTS = ("welch", "backbones", "bootstrap", "paired")
 RESAMPLES = 10_000  # of the two-level bootstrap
 # What most often moves a detection-transfer number away from the published one.
 LIKELY_CAUSES = (

@@ -1,6 +1,7 @@
 """``moco-report``: mean ± std over trials, and for each row against the supervised and random
-rows a Welch interval, a two-level bootstrap interval (pretraining variance) and, where valid, a
-paired interval, each with its raw and Holm-adjusted p; and each row against its expected numbers.
+rows a Welch interval over trials, one over backbone means and a two-level bootstrap interval
+(both with pretraining variance) and, where valid, a paired interval, each with its raw and
+Holm-adjusted p; and each row against its expected numbers.
 
     moco-report supervised=out/voc_sup moco=out/voc_moco random=out/voc_random --output report/
 
@@ -17,13 +18,14 @@ once (the supervised row against the random one, not back). The statistics are t
   comparisons are the confirmatory family; the other metrics' comparisons are a second family.
   Rows of a task that declare different metrics, or a primary metric that no trial reports, are
   an error. A task without a declaration has no primary metric: all its metrics form one family.
-- **Holm.** Within a family, each analysis (Welch, bootstrap, paired) is Holm-corrected over the
-  family's comparisons on its own: the three analyses test one hypothesis three ways, so they
-  are not three members of the family.
+- **Holm.** Within a family, each analysis (Welch, Welch over backbones, bootstrap, paired) is
+  Holm-corrected over the family's comparisons on its own: the analyses test one hypothesis
+  several ways, so they are not several members of the family.
 - **Backbones.** A trial's backbone is its weights by content (``checkpoint_sha256``, else the
   weights path or URL); a random-init trial is its own backbone, its init drawn by its seed. A
-  row with several backbones (several pretraining seeds) gets per-backbone means, and the
-  two-level bootstrap includes the between-backbone variance that Welch's pooled trials miss.
+  row with several backbones (several pretraining seeds) gets per-backbone means; Welch over
+  backbone means (the calibrated test) and the two-level bootstrap (descriptive: too narrow with
+  few backbones) include the between-backbone variance that Welch's pooled trials miss.
 - **Pairing.** Shown where both rows ran the same recipe apart from the weights
   (``protocol.recipe_sha256``) on the same trial seeds, so each seed fixed the same data order
   and init of the new layers on both sides; otherwise a note says why not.
@@ -101,7 +103,10 @@ DEFAULT_METRICS = (
 TASKS = ("detection", "sem_seg", "lincls", "knn", "supervised")
 BASELINE_NAMES = ("supervised", "random")
 PRIMARY_KEY = "MOCO.PRIMARY_METRIC"
-TEST_NAMES = {"welch": "Welch", "bootstrap": "two-level bootstrap", "paired": "paired t"}
+TEST_NAMES = {
+    "welch": "Welch", "backbones": "Welch over backbone means", "bootstrap": "two-level bootstrap",
+    "paired": "paired t",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,19 @@ class Row:
 
     def observations(self, metric: str) -> list[Observation]:
         return [t.observation(metric) for t in self.trials if metric in t.metrics]
+
+    def backbone_sample(self, metric: str) -> Sample:
+        """``metric`` over the backbones: each backbone's mean over its trials is one value (the
+        backbone as the unit, as a user re-running the recipe meets it)."""
+        means = [
+            statistics.fmean(values)
+            for trials in self.backbones().values()
+            if (values := [t.metrics[metric] for t in trials if metric in t.metrics])
+        ]
+        if not means or any(map(math.isnan, means)):
+            return Sample(len(means), math.nan, math.nan)
+        std = statistics.stdev(means) if len(means) > 1 else math.nan
+        return Sample(len(means), statistics.fmean(means), std)
 
     def backbones(self) -> dict[str, list[Trial]]:
         """The trials per backbone, in the order the backbones first appear."""
@@ -384,7 +402,7 @@ class Comparison:
     """``row - baseline`` on one metric: each analysis, how the pairs were formed (or why there
     are none), and each analysis's Holm-adjusted p within its family."""
 
-    tests: dict[str, Difference]  # TESTS: "welch", "bootstrap", and "paired" where valid
+    tests: dict[str, Difference]  # TESTS: "paired" only where valid
     pairing: str
     holm: dict[str, float] = field(default_factory=dict)
 
@@ -438,6 +456,7 @@ def _compare(row: Row, baseline: Row, metric: str) -> Comparison:
     observations = row.observations(metric), baseline.observations(metric)
     tests = {
         "welch": welch(row.sample(metric), baseline.sample(metric)),
+        "backbones": welch(row.backbone_sample(metric), baseline.backbone_sample(metric)),
         "bootstrap": two_level_bootstrap(*observations),
     }
     if row.recipe is None or baseline.recipe is None:
@@ -635,6 +654,9 @@ def _analysis_lines(table: Table, baselines) -> list[str]:
         "", "Each cell: difference [95 % interval] verdict; two-sided p, Holm-adjusted p.",
         "", "- Welch: the trials of each row as independent samples; right for one backbone per"
         " row, while with several it takes trials that share a backbone for independent ones.",
+        "- Welch over backbone means: each backbone's mean is one value (a random-init trial is"
+        " its own backbone), so pretraining variance is in the interval with the t tails its few"
+        " backbones call for; a row of one backbone has no interval.",
         f"- Two-level bootstrap: {RESAMPLES:,} resamples (seed 0) of each row's backbones, then"
         " of each drawn backbone's trials; the difference of the means of backbone means,"
         " percentile interval, p by inverting it. It includes pretraining variance, but is too"
