@@ -174,6 +174,14 @@ def test_controls_epoch_curve_and_long_schedule_extend_a_finished_run(two_seed_r
         (trial,) = (short / "epochs" / f"epoch_{epoch}").rglob("results.json")
         assert json.loads(trial.read_text())["pretraining"]["epochs"] == epoch
     assert (work / "report" / "short-val" / "ap_vs_epochs.png").read_bytes()[:4] == b"\x89PNG"
+    controls = read_report(work / "report" / "short-val" / "controls" / "report.csv")
+    assert {row for row, _ in controls} == {
+        "MoCo v2", "random init", "random init, BN calibrated (control)", "MoCo v2, m 0 (control)",
+    }  # fmt: skip
+    # the contrast with MoCo (this report's first baseline), every comparison secondary
+    lines = [line for (row, _), line in controls.items() if row == "MoCo v2, m 0 (control)"]
+    assert lines and {line["family"] for line in lines} == {"secondary"}
+    assert all(line["verdict_supervised"] for line in lines)
     # the long schedule: the main rows, the first pretraining seed, iterations x3
     assert sorted(p.parent.relative_to(long).as_posix() for p in long.rglob("results.json")) == [
         "moco/seed_0/trial_0", "random/trial_0", "sup/seed_0/trial_0",

@@ -28,7 +28,9 @@ output exists, so an interrupted run resumes where it stopped:
    random init (``trials`` seeds) for 3x the iterations;
 7. with ``--epoch-curve E ...``, one MoCo run of max(E) epochs (seed 0) whose checkpoints at those
    epochs are fine-tuned with the trial seeds;
-8. ``moco-report`` per schedule, and ``ap_vs_epochs.png`` next to the short schedule's report.
+8. ``moco-report`` per schedule, and ``ap_vs_epochs.png`` next to the short schedule's report;
+   with ``--controls``, ``controls/report.md`` beside it: each control against MoCo and random
+   init.
 
 ``--eval-split val`` scores the validation scenes instead of the test scenes (for choosing
 settings). ``--task sem_seg`` fine-tunes the paper's FCN on the scenes' per-pixel labels instead
@@ -460,6 +462,14 @@ def run(args: argparse.Namespace) -> None:
         confirmatory = [ROWS["moco"][0]] if primary_run else []
         report.main([*report_rows, "--output", str(output), "--supervised", ROWS["sup"][0],
                      "--random", ROWS["random"][0], "--confirmatory", *confirmatory])  # fmt: skip
+        if args.controls and not main_only:
+            # What a control is for: its contrast with MoCo, the first baseline of this report
+            # (its CSV's *_supervised columns), and with random init; all secondary.
+            folder = work / task_dir / run_name
+            control_rows = [f"{ROWS[r][0]}={folder / r}" for r in ("moco", "random")]
+            control_rows += [f"{label}={folder / r}" for r, (label, *_) in CONTROL_ROWS.items()]
+            report.main([*control_rows, "--output", str(output / "controls"), "--supervised",
+                         ROWS["moco"][0], "--random", ROWS["random"][0], "--confirmatory"])  # fmt: skip
         if curve_dirs:
             metric = recipe_cfg(RECIPES[args.task].format(init="moco"), recipe_opts)
             plot_epoch_curve(
