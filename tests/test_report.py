@@ -613,3 +613,22 @@ def test_the_report_starts_without_torch():
 
     code = "import sys, transfer.report; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_holm_counts_every_hypothesis_of_the_family_even_where_an_analysis_is_missing(tmp_path):
+    """Only moco - rand can be paired (the supervised row ran other seeds): its paired p is
+    still corrected over the family's 3 comparisons, as if the other two had p = 1."""
+    root = tmp_path / "runs"
+    rows = [
+        _study(root, "sup", {0: [50.0, 51.0]}, init="supervised"),
+        _study(root, "moco", MOCO, init="moco"),
+        _study(root, "rand", RANDOM, init="random"),
+    ]
+    main([*rows, "--output", str(tmp_path / "r")])
+    table = _csv(tmp_path / "r")
+    moco = table[("detection", "moco", "bbox/AP")]
+    assert moco["paired_p_supervised"] == "" and table[("detection", "sup", "bbox/AP")][
+        "paired_p_random"] == ""  # fmt: skip
+    assert float(moco["paired_holm_p_random"]) == pytest.approx(
+        min(1.0, 3 * float(moco["paired_p_random"])), rel=1e-12
+    )

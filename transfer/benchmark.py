@@ -239,8 +239,7 @@ def recipe_cfg(recipe: str, opts: list[str]):
     naming a primary metric the task does not report, or overlapping partition classes)."""
     from . import train_net
 
-    config_file = str(resolve_config_file(recipe))
-    return train_net.build_cfg(argparse.Namespace(config_file=config_file, opts=opts))
+    return train_net.load_cfg(str(resolve_config_file(recipe)), opts)
 
 
 def fine_tune(

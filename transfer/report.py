@@ -508,11 +508,13 @@ def _table(
         table = Table(task, primary, source, metrics, body, chosen)
         for comparisons in table.holm_families().values():
             for test in TESTS:
-                members = [c for c in comparisons if test in c.tests]
-                for comparison, adjusted in zip(
-                    members, holm([c.tests[test].p for c in members]), strict=True
-                ):
-                    comparison.holm[test] = adjusted
+                # m is the family's hypotheses: a comparison this analysis cannot make (not
+                # paired, one trial) counts as p = 1, so no analysis is corrected over fewer
+                raw = [c.tests[test].p if test in c.tests else math.nan for c in comparisons]
+                counted = [1.0 if math.isnan(p) else p for p in raw]
+                for comparison, p, adjusted in zip(comparisons, raw, holm(counted), strict=True):
+                    if test in comparison.tests:
+                        comparison.holm[test] = math.nan if math.isnan(p) else adjusted
         tables.append(table)
     return tables
 

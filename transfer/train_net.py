@@ -178,11 +178,17 @@ class Trainer(DefaultTrainer):
 
 
 def build_cfg(args: argparse.Namespace) -> CfgNode:
-    """detectron2 defaults + ``MOCO.*`` + the YAML + ``KEY VALUE`` overrides (not frozen)."""
+    """The config of the command line's ``--config-file`` and ``KEY VALUE`` overrides."""
+    return load_cfg(args.config_file, args.opts)
+
+
+def load_cfg(config_file: str, opts: list[str]) -> CfgNode:
+    """detectron2 defaults + ``MOCO.*`` + the YAML + ``KEY VALUE`` overrides (not frozen), its
+    ``MOCO.*`` values checked."""
     cfg = get_cfg()
     add_moco_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts)
     check_moco_config(cfg)
     return cfg
 
