@@ -143,6 +143,7 @@ def test_run_is_a_function_of_its_seed(
         if path == "demo":
             options += ["DATA.ROOT", str(tiny_fashion_mnist), "SOLVER.BATCH_SIZE", "8"]
             options += ["MODEL.K", "32", "MODEL.BN_SPLITS", "2", "KNN.FINAL", "False"]
+            options += ["DATA.HOLDOUT", "8"]  # of the 80 tiny training images
             cfg = setup_cfg("pretrain/fashion_mnist_demo.yaml", options)
         else:
             device_aug = str(path == "device_aug")

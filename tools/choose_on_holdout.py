@@ -30,7 +30,7 @@ from transfer import benchmark
 METHODS = {
     "moco": (benchmark.PRETRAIN_RECIPE, ["KNN.BANK_SIZE", "0"], run_pretraining,
              lambda summary: summary["knn_top1"]),
-    "supervised": (benchmark.SUPERVISED_RECIPE, benchmark.SUPERVISED_EPOCHS, run_supervised,
+    "supervised": (benchmark.SUPERVISED_RECIPE, benchmark.SUPERVISED_OPTS, run_supervised,
                    lambda result: result["metrics"]["top1"]),
 }  # fmt: skip
 

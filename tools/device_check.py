@@ -148,8 +148,10 @@ DRY_RUN_SIZES = Sizes(
     fashion_opts=(
         "SOLVER.EPOCHS", "1", "SOLVER.BATCH_SIZE", "16", "DATA.MAX_SAMPLES", "16",
         "MODEL.BN_SPLITS", "2", "KNN.BATCH_SIZE_PER_PROCESS", "40", "KNN.NEIGHBORS", "20",
+        "DATA.HOLDOUT", "8",
     ),
-    scenes_args=("--labelled", "40", "--val-garments", "20", "--test-garments", "20"),
+    # the 5 target classes' 8 training and 4 test images each
+    scenes_args=("--labelled", "20", "--val-garments", "10", "--test-garments", "10"),
     fine_tune_opts=(
         "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()",
         "SOLVER.WARMUP_ITERS", "0", "SOLVER.IMS_PER_BATCH", "2", "TEST.PRECISE_BN.NUM_ITER", "1",
