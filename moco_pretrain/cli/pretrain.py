@@ -39,10 +39,17 @@ def print_summary(summary: dict, *, cfg) -> None:
         return
     fits_the_scenes = cfg.DATA.NAME == "fashion_mnist" and cfg.MODEL.ARCH == "resnet18"
     if fits_the_scenes and not cfg.MODEL.SMALL_STEM:  # the backbone of fashion_scenes_R_18_FPN
+        # the benchmark is class-disjoint: it takes a backbone of its source classes only
+        reuse = (
+            f"moco-benchmark --pretrained {summary['checkpoint']} --source-classes"
+            f" {','.join(map(str, cfg.DATA.CLASSES))} --target-classes <the other classes>"
+            if cfg.DATA.CLASSES
+            else "moco-benchmark (it pretrains on its source classes itself; to pass a checkpoint"
+            " with --pretrained, pretrain it with DATA.CLASSES set to them)"
+        )
         print(
             "next: the transfer benchmark (Fashion-MNIST scenes, detection and instance"
-            f" segmentation, MoCo vs supervised vs random init): moco-benchmark --pretrained"
-            f" {summary['checkpoint']}"
+            f" segmentation, MoCo vs supervised vs random init): {reuse}"
         )
     else:  # the detection configs (configs/detection/README.md) take any converted ResNet
         print(
