@@ -69,6 +69,15 @@ class Sample:
     mean: float
     std: float
 
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Sample:
+        """Mean and sample std of ``values``; NaN both when any value is NaN (COCO reports NaN
+        for an empty size range) or there is none."""
+        if not values or any(map(math.isnan, values)):
+            return cls(len(values), math.nan, math.nan)
+        std = statistics.stdev(values) if len(values) > 1 else math.nan
+        return cls(len(values), statistics.fmean(values), std)
+
 
 @dataclass(frozen=True)
 class Difference:

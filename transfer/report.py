@@ -74,6 +74,7 @@ from .comparison import (
     Expected,
     Observation,
     Sample,
+    by_backbone,
     config_value,
     find_expected,
     holm,
@@ -141,11 +142,7 @@ class Row:
 
     def sample(self, metric: str) -> Sample:
         """``metric`` over the trials that report it (NaN std when n < 2)."""
-        values = [t.metrics[metric] for t in self.trials if metric in t.metrics]
-        if not values or any(map(math.isnan, values)):  # COCO reports NaN for an empty size range
-            return Sample(len(values), math.nan, math.nan)
-        std = statistics.stdev(values) if len(values) > 1 else math.nan
-        return Sample(len(values), statistics.fmean(values), std)
+        return Sample.of([t.metrics[metric] for t in self.trials if metric in t.metrics])
 
     def observations(self, metric: str) -> list[Observation]:
         return [t.observation(metric) for t in self.trials if metric in t.metrics]
@@ -153,15 +150,8 @@ class Row:
     def backbone_sample(self, metric: str) -> Sample:
         """``metric`` over the backbones: each backbone's mean over its trials is one value (the
         backbone as the unit, as a user re-running the recipe meets it)."""
-        means = [
-            statistics.fmean(values)
-            for trials in self.backbones().values()
-            if (values := [t.metrics[metric] for t in trials if metric in t.metrics])
-        ]
-        if not means or any(map(math.isnan, means)):
-            return Sample(len(means), math.nan, math.nan)
-        std = statistics.stdev(means) if len(means) > 1 else math.nan
-        return Sample(len(means), statistics.fmean(means), std)
+        groups = by_backbone(self.observations(metric)).values()
+        return Sample.of([statistics.fmean(values) for values in groups])
 
     def backbones(self) -> dict[str, list[Trial]]:
         """The trials per backbone, in the order the backbones first appear."""
