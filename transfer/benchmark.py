@@ -178,6 +178,11 @@ def pretrain(out: Path, opts: list[str], timer: Timer, step: str) -> dict[str, A
     return json.loads((out / "summary.json").read_text())
 
 
+def moco_checkpoint(out: Path, opts: list[str], timer: Timer, step: str) -> Path:
+    """The last checkpoint of a MoCo run of the demo recipe with ``opts`` (:func:`pretrain`)."""
+    return Path(pretrain(out, opts, timer, step)["checkpoint"])
+
+
 def train_supervised(out: Path, opts: list[str], timer: Timer, step: str) -> Path:
     """The supervised ResNet-18 into ``out``; returns its last checkpoint."""
     from moco_pretrain.supervised import run_supervised
@@ -360,61 +365,48 @@ def run(args: argparse.Namespace) -> None:
         check_scenes(scenes, counts, partition["target"])
     seeds = range(args.pretrain_seeds)
     moco_opts = [*source, *shlex.split(args.pretrain_opts)]
-    checkpoints: dict[str, dict[int, Path]] = {"moco": {}}  # row: pretraining seed: checkpoint
-    if args.pretrained:
-        checkpoints["moco"][0] = Path(args.pretrained)
+    moco: dict[int, Path] = {0: Path(args.pretrained)} if args.pretrained else {}
     for seed in seeds if not args.pretrained else ():
         summary = pretrain(work / "moco" / f"seed_{seed}", [*moco_opts, "SEED", str(seed)],
                            timer, f"pretrain/seed_{seed}")  # fmt: skip
         if seed == 0:
             print("\n".join(feature_comparison(summary)))
-        checkpoints["moco"][seed] = Path(summary["checkpoint"])
+        moco[seed] = Path(summary["checkpoint"])
     if not has_detectron2:
         print(
             "moco-benchmark: detectron2 is not installed, so the detection benchmark did not run;"
             f" install it with: {DETECTRON2_INSTALL}"
         )
         return
-    weights = work / "weights"
+
+    def backbones(row: str, folder: str, train, opts: list[str], step: str) -> dict[int, Path]:
+        """Per pretraining seed, ``train(work/folder/seed_S, opts + SEED, timer, step)``'s
+        checkpoint converted to ``weights/<row>_seedS.pkl`` (one line if it is not a ResNet-18
+        of the source classes)."""
+        return {
+            s: convert(train(work / folder / f"seed_{s}", [*opts, "SEED", str(s)], timer,
+                             f"{step}/seed_{s}"),
+                       work / "weights" / f"{row}_seed{s}.pkl", partition["source"])
+            for s in seeds
+        }  # fmt: skip
+
     pkls = {
         "moco": {
-            s: convert(c, weights / f"moco_seed{s}.pkl", partition["source"])
-            for s, c in checkpoints["moco"].items()
+            s: convert(c, work / "weights" / f"moco_seed{s}.pkl", partition["source"])
+            for s, c in moco.items()
         }
     }
     supervised_opts = [*source, *shlex.split(args.supervised_opts)]
-    checkpoints["sup"] = {
-        seed: train_supervised(
-            work / "supervised" / f"seed_{seed}",
-            [*supervised_opts, "SEED", str(seed)],
-            timer,
-            f"supervised/seed_{seed}",
-        )  # fmt: skip
-        for seed in seeds
-    }
+    pkls["sup"] = backbones("sup", "supervised", train_supervised, supervised_opts, "supervised")
     if args.controls:
         no_eval = ["KNN.FINAL", "False", "KNN.MONITOR_PERIOD", "0"]
-        checkpoints["random_bn"] = {
-            seed: calibrated_random(
-                work / "random_bn" / f"seed_{seed}",
-                [*moco_opts, "SEED", str(seed)],
-                timer,
-                f"controls/random_bn/seed_{seed}",
-            )  # fmt: skip
-            for seed in seeds
-        }
-        checkpoints["moco_m0"] = {
-            seed: Path(pretrain(work / "moco_m0" / f"seed_{seed}",
-                                [*moco_opts, *no_eval, "MODEL.M", "0.0", "SEED", str(seed)],
-                                timer, f"controls/moco_m0/seed_{seed}")["checkpoint"])
-            for seed in seeds
-        }  # fmt: skip
-    for row, by_seed in checkpoints.items():
-        if row not in pkls:
-            pkls[row] = {
-                s: convert(c, weights / f"{row}_seed{s}.pkl", partition["source"])
-                for s, c in by_seed.items()
-            }
+        pkls["random_bn"] = backbones(
+            "random_bn", "random_bn", calibrated_random, moco_opts, "controls/random_bn"
+        )
+        pkls["moco_m0"] = backbones(
+            "moco_m0", "moco_m0", moco_checkpoint, [*moco_opts, *no_eval, "MODEL.M", "0.0"],
+            "controls/moco_m0",
+        )  # fmt: skip
     curve = (
         epoch_curve_weights(work, args, moco_opts, timer, partition["source"])
         if args.epoch_curve
@@ -423,6 +415,7 @@ def run(args: argparse.Namespace) -> None:
     scene_opts = [*scene_options(args.task, scenes, args.eval_split), *recipe_opts[:4]]
     task_dir = TASK_DIRS[args.task]
     rows = {**ROWS, **(CONTROL_ROWS if args.controls else {})}
+    default_partition = partition == partition_of(build_parser().parse_args([]))
     for schedule in args.schedules:
         run_name = schedule + ("-val" if args.eval_split == "val" else "") + args.name
         step = run_name if args.task == "detection" else f"{task_dir}/{run_name}"
@@ -458,8 +451,7 @@ def run(args: argparse.Namespace) -> None:
         output = work / "report" / step
         # The protocol's confirmatory comparisons: MoCo against the two baselines, short
         # schedule, the default partition, test scenes; everything else is secondary.
-        default = partition_of(build_parser().parse_args([]))
-        primary_run = (schedule, args.eval_split, partition) == ("short", "test", default)
+        primary_run = schedule == "short" and args.eval_split == "test" and default_partition
         confirmatory = [ROWS["moco"][0]] if primary_run else []
         report.main([*report_rows, "--output", str(output), "--supervised", ROWS["sup"][0],
                      "--random", ROWS["random"][0], "--confirmatory", *confirmatory])  # fmt: skip
