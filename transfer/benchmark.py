@@ -227,9 +227,10 @@ def check_source(provenance: dict[str, Any], checkpoint: str | Path, source: lis
 def check_scenes(scenes: Path, counts: dict[str, int], classes: list[str]) -> None:
     """Refuse to mix runs over scenes built from other garment counts or classes."""
     built = json.loads((scenes / SUMMARY_FILE).read_text())["counts"]
-    if built != counts or scene_classes(scenes) != classes:
+    built_classes = scene_classes(scenes)
+    if built != counts or built_classes != classes:
         raise ValueError(
-            f"{scenes} holds scenes built with {built} of {scene_classes(scenes)}, not {counts}"
+            f"{scenes} holds scenes built with {built} of {built_classes}, not {counts}"
             f" of {classes}: choose another --work-dir"
         )
 
