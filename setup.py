@@ -7,15 +7,6 @@ from setuptools import find_packages, setup
 HERE = Path(__file__).parent
 
 
-def _link_configs() -> None:
-    """Expose the repository's configs/ inside the package so installed commands find the recipes."""
-    link = HERE / "moco_pretrain" / "_configs"
-    if not link.exists() and (HERE / "configs").is_dir():
-        link.symlink_to(Path("..") / "configs", target_is_directory=True)
-
-
-_link_configs()
-
 setup(
     name="moco-pretrain",
     version="0.1.0",
@@ -25,8 +16,14 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     # tools/ holds scripts and is never installed: detectron2 installs a top-level `tools` package.
-    packages=find_packages(include=["moco_pretrain", "moco_pretrain.*", "transfer", "transfer.*"]),
-    package_data={"moco_pretrain": ["_configs/*.yaml", "_configs/*/*.yaml"]},
+    # The repository's configs/ is installed as moco_pretrain/_configs, where installed commands
+    # find the recipes (an editable install reads configs/ itself).
+    packages=[
+        *find_packages(include=["moco_pretrain", "moco_pretrain.*", "transfer", "transfer.*"]),
+        "moco_pretrain._configs",
+    ],
+    package_dir={"moco_pretrain._configs": "configs"},
+    package_data={"moco_pretrain._configs": ["*.yaml", "*/*.yaml"]},
     install_requires=[
         # torch 2.4 is the first release whose SGD(fused=True) runs on CPU (2.3.1's
         # _get_fused_kernels_supported_devices() has no "cpu"); torch.amp.GradScaler(device) is
@@ -57,7 +54,7 @@ setup(
             "moco-submit=moco_pretrain.cli.submit:main",
             "moco-convert=transfer.convert:main",
             "moco-transfer=transfer.train_net:main",
-            "moco-report=transfer.report:main",
+            "moco-report=moco_pretrain.report:main",
             "moco-benchmark=transfer.benchmark:main",
         ]
     },

@@ -104,7 +104,7 @@ def get_cfg() -> CN:
 
 
 def config_root() -> Path:
-    """The recipes folder: the package's copy when installed, the repository's otherwise."""
+    """The recipes folder: the installed copy (a wheel's), else the repository's configs/."""
     packaged = Path(__file__).resolve().parent / "_configs"
     return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "configs"
 

@@ -21,8 +21,9 @@ from .engine import logger, setup_logging
 from .lincls import build_eval_loader_of
 from .models import build_backbone
 
-__all__ = ["RANDOM_BN_METHOD", "calibrate_bn", "run_random_bn"]
+__all__ = ["RANDOM_BN_FILE", "RANDOM_BN_METHOD", "calibrate_bn", "run_random_bn"]
 
+RANDOM_BN_FILE = "random_bn.pth.tar"  # in OUTPUT_DIR
 RANDOM_BN_METHOD = "random-bn"  # the checkpoint's "method", kept by moco-convert's provenance
 
 
@@ -52,7 +53,7 @@ def run_random_bn(cfg: CfgNode) -> Path:
     as ``OUTPUT_DIR/random_bn.pth.tar`` (torchvision keys under ``state_dict``, the config and the
     image set's record), which ``moco-convert`` reads. Returns the path; an existing file is kept.
     """
-    path = Path(cfg.OUTPUT_DIR) / "random_bn.pth.tar"
+    path = Path(cfg.OUTPUT_DIR) / RANDOM_BN_FILE
     if path.is_file():
         return path
     device = init_distributed()

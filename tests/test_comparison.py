@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from transfer.comparison import (
+from moco_pretrain.comparison import (
     SINGLE_TRIAL,
     Observation,
     Sample,

@@ -1,4 +1,4 @@
-"""tools/deepforest_data.py: tiling rules, the VOC tree it writes, and the real scenes when installed."""
+"""transfer/datasets/deepforest.py: tiling rules, the VOC tree it writes, and the real scenes when installed."""
 
 from __future__ import annotations
 
@@ -10,16 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.tool_loader import load_tool
-
-deepforest_data = load_tool("deepforest_data")
-SCENES, Box, build_deepforest_voc, find_deepforest_data = (
-    deepforest_data.SCENES, deepforest_data.Box, deepforest_data.build_deepforest_voc,
-    deepforest_data.find_deepforest_data,
-)  # fmt: skip
-grid_starts, parse_voc_boxes, tile_scene = (
-    deepforest_data.grid_starts, deepforest_data.parse_voc_boxes, deepforest_data.tile_scene,
-)  # fmt: skip
+from transfer.datasets.deepforest import (
+    SCENES,
+    Box,
+    build_deepforest_voc,
+    find_deepforest_data,
+    grid_starts,
+    parse_voc_boxes,
+    tile_scene,
+)
 
 
 def test_grid_keeps_remainders_of_at_least_half_a_tile():
@@ -118,7 +117,7 @@ def test_detectron2_registers_and_evaluates_the_tree(fake_voc):
     from detectron2.evaluation.pascal_voc_evaluation import parse_rec
 
     from transfer import add_moco_config
-    from transfer.datasets import register_datasets
+    from transfer.datasets.register import register_datasets
 
     root, summary = fake_voc
     cfg = get_cfg()

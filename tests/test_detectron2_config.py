@@ -14,7 +14,7 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY  # noqa: E402
 
 from transfer import add_moco_config  # noqa: E402
 from transfer.config import INITS  # noqa: E402
-from transfer.datasets import register_datasets  # noqa: E402
+from transfer.datasets.register import register_datasets  # noqa: E402
 from transfer.train_net import Trainer  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"

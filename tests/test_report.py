@@ -12,7 +12,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from transfer.comparison import (
+from moco_pretrain.comparison import (
     Expected,
     Observation,
     Sample,
@@ -22,7 +22,7 @@ from transfer.comparison import (
     two_level_bootstrap,
     welch,
 )
-from transfer.report import BASELINE_NAMES, main
+from moco_pretrain.report import BASELINE_NAMES, main
 
 VOC = {  # per-row AP50 over trials; AP and AP75 are AP50 - 25 and AP50 - 20
     "sup": ("supervised", [81.1, 81.3, 81.5]),
@@ -531,7 +531,7 @@ def test_confirmatory_rows_narrow_the_primary_family(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*rows, "--output", str(tmp_path / "bad"), "--confirmatory", "MoCo"])
     assert exit_info.value.code == 2
-    assert "--confirmatory names rows that are not here: ['MoCo']" in capsys.readouterr().err
+    assert "confirmatory rows that are not here: ['MoCo']" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
@@ -611,7 +611,7 @@ def test_the_report_starts_without_torch():
     import subprocess
     import sys
 
-    code = "import sys, transfer.report; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, moco_pretrain.report; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from moco_pretrain.data import FASHION_MNIST_DIR
-from transfer import scenes as scenes_module
-from transfer.scenes import build_fashion_scenes, rle_encode, scene_datasets
+from transfer.datasets import scenes as scenes_module
+from transfer.datasets.scenes import build_fashion_scenes, rle_encode, scene_datasets
 
 REAL = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
 SMALL = {"num_labelled": 40, "num_val": 20, "num_test": 20}

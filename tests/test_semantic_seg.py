@@ -244,7 +244,7 @@ def test_each_row_as_recorded_finds_its_table_6_number_in_expected_yaml(name, mi
     import yaml
 
     from moco_pretrain.config import config_root
-    from transfer.comparison import find_expected, load_expected
+    from moco_pretrain.comparison import find_expected, load_expected
 
     entries = load_expected(config_root() / "expected.yaml")
     config = yaml.safe_load(_load(name).dump())
@@ -259,7 +259,7 @@ def test_random_init_rows_have_no_expected_number():
     import yaml
 
     from moco_pretrain.config import config_root
-    from transfer.comparison import find_expected, load_expected
+    from moco_pretrain.comparison import find_expected, load_expected
 
     entries = load_expected(config_root() / "expected.yaml")
     for name in ("voc_R_50_FCN_30k_random.yaml", "cityscapes_R_50_FCN_90k_random.yaml"):
@@ -267,7 +267,7 @@ def test_random_init_rows_have_no_expected_number():
 
 
 def test_the_evaluator_scores_the_labels_100_and_all_background_by_hand(tmp_path):
-    from transfer.datasets import register_datasets
+    from transfer.datasets.register import register_datasets
 
     images, labels = _write_sem_seg(tmp_path, 2, seed=3)
     cfg = _load("instant_test_voc_R_50_FCN.yaml")

@@ -23,7 +23,7 @@ def test_the_benchmark_runs_in_a_clone_at_the_commit_and_its_steps_are_kept(monk
                                 capture_output=True, text=True).stdout.strip()  # fmt: skip
         out = clone / "output/fashion_scenes"
         out.mkdir(parents=True)
-        (out / "benchmark.json").write_text(json.dumps({"seconds": {"scenes": 1.5}}))
+        (out / "costs.json").write_text(json.dumps({"seconds": {"scenes": 1.5}}))
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(tool.subprocess, "run", run)

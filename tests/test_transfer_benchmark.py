@@ -109,7 +109,7 @@ def test_every_step_runs_reports_and_a_rerun_trains_nothing(two_seed_run):
             assert config["MODEL"]["WEIGHTS"] == str(weights)
     for s in (0, 1):  # the pretraining seeds are the runs' SEEDs
         assert f"SEED: {s}\n" in (work / "moco" / f"seed_{s}" / "config.yaml").read_text()
-    seconds = json.loads((work / "benchmark.json").read_text())["seconds"]
+    seconds = json.loads((work / "costs.json").read_text())["seconds"]
     assert {
         "scenes",
         "pretrain/seed_1",
@@ -124,7 +124,7 @@ def test_every_step_runs_reports_and_a_rerun_trains_nothing(two_seed_run):
     benchmark.main(args)
     rerun = {p: p.stat().st_mtime_ns for p in finished}
     unchanged = {p for p in finished if rerun[p] == finished[p]}
-    assert unchanged == {p for p in finished if p.name != "benchmark.json"}  # nothing retrained
+    assert unchanged == {p for p in finished if p.name != "costs.json"}  # nothing retrained
     assert (work / "report" / schedule / "report.md").read_text() == report
 
 
@@ -198,7 +198,7 @@ def test_the_segmentation_and_keypoint_variants_run_on_the_same_backbones(
     work = tmp_path / "work"
     for task in ("sem_seg", "keypoints"):
         benchmark.main(argv(tiny_fashion_mnist, work, "--task", task, *TINY_FINE_TUNE))
-    seconds = json.loads((work / "benchmark.json").read_text())["seconds"]
+    seconds = json.loads((work / "costs.json").read_text())["seconds"]
     assert {"fine_tune/sem_seg/short/moco", "fine_tune/keypoints/short/random"} <= seconds.keys()
     assert not (work / "det").exists()  # the detection rows were not run
     for task, metric, test_set in (("sem_seg", "sem_seg/mIoU", "fashion_scenes_sem_seg_test"),
@@ -213,7 +213,7 @@ def test_the_segmentation_and_keypoint_variants_run_on_the_same_backbones(
 
 
 def test_scene_options_register_each_variant_and_build_its_labels(tiny_fashion_mnist, tmp_path):
-    from transfer.scenes import build_fashion_scenes, scene_options
+    from transfer.datasets.scenes import build_fashion_scenes, scene_options
 
     scenes = tmp_path / "scenes"
     build_fashion_scenes(scenes, root=tiny_fashion_mnist, num_labelled=20, num_val=10, num_test=10)
@@ -290,7 +290,7 @@ def test_a_checkpoint_of_another_architecture_is_one_line(tiny_fashion_mnist, tm
 
 def test_scenes_of_other_counts_in_the_work_dir_are_refused(tiny_fashion_mnist, tmp_path, capsys):
     pytest.importorskip("detectron2")
-    from transfer.scenes import build_fashion_scenes
+    from transfer.datasets.scenes import build_fashion_scenes
 
     build_fashion_scenes(tmp_path / "scenes", root=tiny_fashion_mnist, num_labelled=10,
                          num_val=10, num_test=10, classes=(1, 3, 5, 7, 9))  # fmt: skip

@@ -25,7 +25,7 @@ from torch import nn  # noqa: E402
 from moco_pretrain.config import config_root, flatten_config  # noqa: E402
 from tests.test_detectron2_train import write_coco  # noqa: E402
 from transfer import add_moco_config  # noqa: E402
-from transfer.comparison import find_expected, load_expected  # noqa: E402
+from moco_pretrain.comparison import find_expected, load_expected  # noqa: E402
 from transfer.train_net import Trainer, main  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
@@ -417,7 +417,7 @@ def test_the_keypoint_evaluator_scores_the_ground_truth_100(tmp_path):
     from detectron2.data import DatasetCatalog
     from detectron2.structures import Boxes, Instances
 
-    from transfer.datasets import register_datasets
+    from transfer.datasets.register import register_datasets
 
     json_file, images = write_keypoint_coco(tmp_path, "oracle", 3, seed=4)
     cfg = _load("instant_test_coco_keypoint_R_50_FPN.yaml")

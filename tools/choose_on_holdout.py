@@ -19,36 +19,38 @@ import json
 import shlex
 from pathlib import Path
 
-from moco_pretrain.config import setup_cfg
 from moco_pretrain.files import atomic_write_json
-from moco_pretrain.machine import describe_machine
 from moco_pretrain.pretrain import run_pretraining
+from moco_pretrain.results import RESULTS_FILE
 from moco_pretrain.supervised import run_supervised
 from transfer import benchmark
+from transfer.pipeline import SUMMARY_FILE, Pipeline
 
-# Per method: the recipe and its overrides as the benchmark runs it, the run, and its score.
+# Per method: the recipe and its overrides as the benchmark runs it, the run, the file it writes
+# last, and its score there.
 METHODS = {
-    "moco": (benchmark.PRETRAIN_RECIPE, ["KNN.BANK_SIZE", "0"], run_pretraining,
+    "moco": (benchmark.PRETRAIN_RECIPE, ["KNN.BANK_SIZE", "0"], run_pretraining, SUMMARY_FILE,
              lambda summary: summary["knn_top1"]),
     "supervised": (benchmark.SUPERVISED_RECIPE, benchmark.SUPERVISED_OPTS, run_supervised,
-                   lambda result: result["metrics"]["top1"]),
+                   RESULTS_FILE, lambda result: result["metrics"]["top1"]),
 }  # fmt: skip
 
 
 def choose(
     method: str, key: str, values: list[str], *, classes: str, work: Path, opts: list[str] = ()
 ) -> dict:
-    recipe, fixed, run, score = METHODS[method]
+    recipe, fixed, run, done, score = METHODS[method]
     source = str(benchmark.parse_classes(classes, "--classes"))
-    scores = []
-    for value in values:
-        out = work / f"{key}_{value}"
-        cfg = setup_cfg(recipe, [*fixed, "DATA.CLASSES", source, *opts, key, value, "SEED", "0",
-                                 "OUTPUT_DIR", str(out)])  # fmt: skip
-        scores.append(score(run(cfg)))
+    pipeline = Pipeline(work, command=shlex.join(["choose_on_holdout.py", method, key, *values]))
+    scores = [
+        score(pipeline.run(run, recipe, f"{key}_{value}", [*fixed, "DATA.CLASSES", source, *opts,
+                                                          key, value, "SEED", "0"],
+                           done=done, step=f"{key}_{value}"))
+        for value in values
+    ]  # fmt: skip
     best = max(range(len(values)), key=scores.__getitem__)
     return {"method": method, "key": key, "classes": source, "values": values, "scores": scores,
-            "choice": values[best], "machine": describe_machine("cpu")}  # fmt: skip
+            "choice": values[best], "machine": pipeline.costs["machine"]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,7 +8,7 @@ data, installed without its dependencies; the package is never imported):
 
 Steps (each skipped when its output exists, so an interrupted study resumes):
 
-1. ``tools/deepforest_data.py``: 400 px VOC tiles with a fixed train/test split by scene area,
+1. ``transfer/datasets/deepforest.py``: 400 px VOC tiles with a fixed train/test split by scene area,
    plus unlabelled 192 px patches of the train tiles;
 2. MoCo v2 ResNet-50 on those patches (pretrain/deepforest_r50_cpu.yaml): in-domain
    self-supervision, no labels;
@@ -30,55 +30,14 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
 
-from deepforest_data import build_deepforest_voc  # tools/, this script's folder, is on sys.path
-
-from moco_pretrain.config import setup_cfg
 from moco_pretrain.files import atomic_write_json
-from moco_pretrain.machine import describe_machine
-from moco_pretrain.pretrain import run_pretraining
-from moco_pretrain.weights import load_backbone_state_dict
-from transfer import report, train_net
-from transfer.convert import convert_to_detectron2, write_detectron2_pkl
+from transfer.datasets.deepforest import build_deepforest_voc
+from transfer.pipeline import Pipeline
 
 PRETRAIN_RECIPE = "pretrain/deepforest_r50_cpu.yaml"
 DETECTION_RECIPE = "detection/deepforest_R_50_C4_{init}.yaml"
 ROWS = {"random": "random init", "moco": "MoCo v2 (in-domain, unlabelled tiles)"}
-
-
-def tiles(work: Path, source: str | None) -> dict[str, Any]:
-    voc = work / "voc"
-    if not (voc / "summary.json").is_file():
-        build_deepforest_voc(voc, source)
-    return json.loads((voc / "summary.json").read_text())
-
-
-def pretrain_in_domain(work: Path, opts: list[str]) -> tuple[dict[str, Any], Path]:
-    """MoCo on the unlabelled train patches; returns its summary and the Detectron2 weights."""
-    out = work / "moco"
-    if not (out / "summary.json").is_file():
-        overrides = ["DATA.ROOT", str(work / "voc"), *opts, "OUTPUT_DIR", str(out)]
-        run_pretraining(setup_cfg(PRETRAIN_RECIPE, overrides))
-    summary = json.loads((out / "summary.json").read_text())
-    weights = out / "moco_detectron2.pkl"
-    if not weights.is_file():
-        converted = convert_to_detectron2(load_backbone_state_dict(summary["checkpoint"]))
-        write_detectron2_pkl(converted, weights)
-    return summary, weights
-
-
-def fine_tune(work: Path, init: str, *, weights: Path, trials: int, opts: list[str]) -> Path:
-    out = work / f"det_{init}"
-    voc = str(work / "voc")
-    datasets = f"[('deepforest_train', '{voc}', 'train'), ('deepforest_test', '{voc}', 'test')]"
-    argv = [
-        "--config-file", DETECTION_RECIPE.format(init=init), "--num-trials", str(trials),
-        "MOCO.DATASETS.VOC", datasets, "OUTPUT_DIR", str(out),
-        *(["MODEL.WEIGHTS", str(weights)] if init == "moco" else []), *opts,
-    ]  # fmt: skip
-    train_net.main(argv)
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,16 +59,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    summary = {"tiles": tiles(args.work_dir, args.source)}
-    moco, weights = pretrain_in_domain(args.work_dir, shlex.split(args.pretrain_opts))
+    pipeline = Pipeline(args.work_dir, command=shlex.join(sys.argv))
+    voc = pipeline.path("voc")
+    if not (voc / "summary.json").is_file():
+        pipeline.timed("tiles", build_deepforest_voc, voc, args.source)
+    summary = {"tiles": json.loads((voc / "summary.json").read_text())}
+    # MoCo on the unlabelled train patches: in-domain self-supervision, no labels
+    opts = ["DATA.ROOT", str(voc), *shlex.split(args.pretrain_opts)]
+    moco = pipeline.pretrain(PRETRAIN_RECIPE, "moco", opts)
     summary["moco"] = {k: moco[k] for k in ("epochs", "train_seconds", "checkpoint")}
-    rows = []
-    for init, label in ROWS.items():
-        out = fine_tune(args.work_dir, init, weights=weights, trials=args.trials, opts=args.opts)
-        rows.append(f"{label}={out}")
-    report.main([*rows, "--output", str(args.output), "--random", ROWS["random"]])
-    summary["machine"] = describe_machine()
-    summary["command"] = " ".join(sys.argv)
+    weights = pipeline.convert(moco["checkpoint"], "moco/moco_detectron2.pkl")
+    datasets = f"[('deepforest_train', '{voc}', 'train'), ('deepforest_test', '{voc}', 'test')]"
+    rows = [
+        (label, pipeline.fine_tune(
+            DETECTION_RECIPE.format(init=init), f"det_{init}", trials=args.trials,
+            weights=weights if init == "moco" else None,
+            opts=["MOCO.DATASETS.VOC", datasets, *args.opts], step=f"fine_tune/{init}",
+        ))
+        for init, label in ROWS.items()
+    ]  # fmt: skip
+    pipeline.report(rows, args.output.resolve(), random=ROWS["random"])
+    summary["machine"] = pipeline.costs["machine"]
+    summary["command"] = pipeline.costs["command"]
     atomic_write_json(args.output / "study.json", summary)
 
 

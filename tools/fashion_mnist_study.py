@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,9 @@ from moco_pretrain.files import atomic_write_json
 from moco_pretrain.knn import knn_accuracy
 from moco_pretrain.knn_eval import run_knn
 from moco_pretrain.lincls import run_lincls
-from moco_pretrain.machine import describe_machine
 from moco_pretrain.models import build_backbone
-from moco_pretrain.pretrain import run_pretraining
-from moco_pretrain.results import RESULTS_FILE
-from moco_pretrain.supervised import run_supervised
+from moco_pretrain.results import RESULTS_FILE, read_results
+from transfer.pipeline import Pipeline
 
 KNN = ["KNN.NEIGHBORS", "20", "KNN.TEMPERATURE", "0.1"]
 # A study of the features, scored on the test split as published ones are (it chooses no setting
@@ -100,42 +99,25 @@ def raw_pixel_knn(recipe: str, work: Path, opts: list[str]) -> float:
     return done["metrics"]["top1"]
 
 
-def pretrain(recipe: str, out: Path, overrides: list[str]) -> dict[str, Any]:
-    if (summary := _read_json(out / "summary.json")) is None:
-        summary = run_pretraining(setup_cfg(recipe, [*overrides, "OUTPUT_DIR", str(out)]))
-    return summary
+def linear_probe(pipeline: Pipeline, checkpoint: str, out: Path, opts: list[str]) -> dict:
+    return pipeline.evaluate(run_lincls, LINCLS_RECIPE, out, opts, pretrained=checkpoint,
+                             step=f"lincls/{out.parent.name}")["metrics"]  # fmt: skip
 
 
-def linear_probe(checkpoint: str, out: Path, opts: list[str]) -> dict[str, float]:
-    if (done := _read_json(out / RESULTS_FILE)) is None:
-        cfg = setup_cfg(LINCLS_RECIPE, [*opts, "OUTPUT_DIR", str(out)])
-        done = run_lincls(cfg, pretrained=checkpoint)
-    return done["metrics"]
-
-
-def random_encoder(recipe: str, work: Path, opts: list[str]) -> dict[str, float]:
+def random_encoder(pipeline: Pipeline, recipe: str, opts: list[str]) -> dict[str, float]:
     """kNN and linear top-1 of a randomly initialised ResNet-18 (seed 0)."""
-    out = work / "random_init"
+    out = pipeline.path("random_init")
     weights = out / "backbone.pth"
     if not weights.is_file():
         cfg = setup_cfg(recipe, opts)
         torch.manual_seed(cfg.SEED)
         atomic_save(build_backbone(cfg.MODEL.ARCH).state_dict(), weights)
-    if (knn := _read_json(out / "knn" / RESULTS_FILE)) is None:
-        cfg = setup_cfg(recipe, [*KNN, *opts, "OUTPUT_DIR", str(out)])
-        knn = run_knn(cfg, pretrained=str(weights))
+    knn = pipeline.evaluate(run_knn, recipe, out / "knn", [*KNN, *opts], pretrained=weights,
+                            step="knn/random_init")  # fmt: skip
     return {
         "knn_top1": knn["metrics"]["top1"],
-        "linear_top1": linear_probe(str(weights), out / "lincls", opts)["top1"],
+        "linear_top1": linear_probe(pipeline, str(weights), out / "lincls", opts)["top1"],
     }
-
-
-def supervised(work: Path, epochs: int, opts: list[str]) -> dict[str, float]:
-    out = work / "supervised"
-    if (done := _read_json(out / RESULTS_FILE)) is None:
-        overrides = ["SOLVER.EPOCHS", str(epochs), *KNN, *opts, "OUTPUT_DIR", str(out)]
-        done = run_supervised(setup_cfg(SUPERVISED_RECIPE, overrides))
-    return done["metrics"]
 
 
 def crossover(summary: dict[str, Any], level: float) -> dict | None:
@@ -153,19 +135,19 @@ def run_study(budget: str, work: Path, opts: list[str] = ()) -> dict[str, Any]:
     opts = [*TEST_SPLIT, *opts]
     plan = BUDGETS[budget]
     recipe = plan["recipe"]
+    pipeline = Pipeline(work, command=shlex.join(sys.argv))
     results: dict[str, Any] = {
         "budget": budget,
-        "machine": describe_machine(),
-        "command": " ".join(sys.argv),
+        "machine": pipeline.costs["machine"],
+        "command": pipeline.costs["command"],
     }
     results["raw_pixels_knn_top1"] = raw_pixel_knn(recipe, work, opts)
-    results["random_init"] = random_encoder(recipe, work, opts)
-    main = pretrain(recipe, work / "moco_v2_main", [*KNN, *opts])
+    results["random_init"] = random_encoder(pipeline, recipe, opts)
+    main = pipeline.pretrain(recipe, "moco_v2_main", [*KNN, *opts])
+    lincls = linear_probe(pipeline, main["checkpoint"], work / "moco_v2_main" / "lincls", opts)
     results["moco"] = {
         "knn_top1": main["knn"][-1]["knn_top1"],
-        "linear_top1": linear_probe(main["checkpoint"], work / "moco_v2_main" / "lincls", opts)[
-            "top1"
-        ],
+        "linear_top1": lincls["top1"],
         "epochs": main["epochs"],
         "knn_curve": main["knn"],
         "train_minutes": main["train_seconds"] / 60,
@@ -177,13 +159,15 @@ def run_study(budget: str, work: Path, opts: list[str] = ()) -> dict[str, Any]:
             ("raw_pixels", results["raw_pixels_knn_top1"]),
         )
     }
-    results["supervised"] = supervised(work, plan["supervised_epochs"], opts)
+    epochs = ["SOLVER.EPOCHS", str(plan["supervised_epochs"])]
+    pipeline.supervised(SUPERVISED_RECIPE, "supervised", [*epochs, *KNN, *opts])
+    results["supervised"] = read_results(pipeline.path("supervised") / RESULTS_FILE)["metrics"]
     epochs = plan["ablation_epochs"]
     results["ablations"] = {"epochs": epochs, "runs": {}}
     for i, (name, overrides) in enumerate(ABLATIONS.items()):
         schedule = ["SOLVER.EPOCHS", str(epochs), "KNN.MONITOR_PERIOD", str(max(1, epochs // 10))]
         overrides = [*overrides, *schedule, "KNN.FINAL", "False", *KNN, *opts]
-        summary = pretrain(recipe, work / "ablations" / f"run_{i}", overrides)
+        summary = pipeline.pretrain(recipe, f"ablations/run_{i}", overrides, step=f"ablation_{i}")
         results["ablations"]["runs"][name] = {
             "overrides": overrides,
             "knn_top1": summary["knn"][-1]["knn_top1"],

@@ -14,7 +14,7 @@ setting of SETTINGS, one seed, and records
 
     python tools/keypoint_stability.py --scenes SCENES --weights moco.pkl   # ~30 min on 2 cores
 
-SCENES holds ``<split>_keypoints.json`` (transfer.scenes.write_keypoint_annotations; written there
+SCENES holds ``<split>_keypoints.json`` (transfer.datasets.scenes.write_keypoint_annotations; written there
 when missing). Each setting runs in ``--work-dir/<key>``; a finished one (its trace.json) is read
 back, not rerun. Writes results.json (every figure, the machine, the command) and table.md into
 --output. ``KEY VALUE`` pairs after the options apply to every setting, last.
@@ -42,9 +42,9 @@ from detectron2.utils.logger import setup_logger
 from moco_pretrain.config import resolve_config_file
 from moco_pretrain.files import atomic_write, atomic_write_json
 from moco_pretrain.machine import describe_machine
-from transfer.datasets import register_datasets
+from transfer.datasets.register import register_datasets
+from transfer.datasets.scenes import scene_options
 from transfer.preflight import load_verified
-from transfer.scenes import scene_options
 from transfer.train_net import Trainer, build_cfg
 
 RECIPE = "detection/fashion_scenes_R_18_FPN_keypoint_moco.yaml"
@@ -137,8 +137,7 @@ def fixed_batch(cfg, size: int) -> list[dict[str, Any]]:
 
 def run_setting(out: Path, opts: list[str]) -> dict[str, Any]:
     """Train one setting in ``out``; its trace (activation std, losses, outcome)."""
-    args = argparse.Namespace(config_file=str(resolve_config_file(RECIPE)), opts=opts)
-    cfg = build_cfg(args)
+    cfg = build_cfg(str(resolve_config_file(RECIPE)), opts)
     cfg.OUTPUT_DIR = str(out)
     cfg.freeze()
     register_datasets(cfg)

@@ -6,7 +6,7 @@ clone, from nothing.
 
 Clones this repository at ``--commit`` into a temporary folder and runs ``moco-benchmark`` there
 (the clone's modules and recipes first on ``PYTHONPATH``, the installed packages otherwise), then
-prints one JSON line: the wall seconds, the step seconds of its ``benchmark.json``, the commit and
+prints one JSON line: the wall seconds, the step seconds of its ``costs.json``, the commit and
 the machine; ``--output`` also writes it. Run it alone on an idle machine: two jobs at once halve
 both.
 """
@@ -41,7 +41,7 @@ def time_quick_start(commit: str) -> dict:
             subprocess.run([sys.executable, "-m", "transfer.benchmark"], cwd=clone, env=env,
                            stdout=log, stderr=subprocess.STDOUT, check=True)  # fmt: skip
         seconds = time.perf_counter() - start
-        steps = json.loads((clone / "output/fashion_scenes/benchmark.json").read_text())["seconds"]
+        steps = json.loads((clone / "output/fashion_scenes/costs.json").read_text())["seconds"]
     return {"commit": revision, "seconds": round(seconds, 1), "steps": steps,
             "machine": describe_machine("cpu")}  # fmt: skip
 

@@ -1,7 +1,7 @@
 """Detectron2 transfer of MoCo backbones: converter, plugin, training entry point and report.
 
 ``import transfer`` does not import Detectron2; the converter (:mod:`transfer.convert`) and the
-report (:mod:`transfer.report`) work without it. Detectron2 is imported when the plugin is used.
+report (:mod:`moco_pretrain.report`) work without it. Detectron2 is imported when the plugin is used.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ the detector learns the target classes on scenes built from target-class garment
 included), so no scene pixel comes from a pretraining image. Steps, each read back when its
 output exists, so an interrupted run resumes where it stopped:
 
-1. the scenes of the target classes (:mod:`transfer.scenes`), COCO format;
+1. the scenes of the target classes (:mod:`transfer.datasets.scenes`), COCO format;
 2. per pretraining seed, MoCo v2 on the source images (``pretrain/fashion_mnist_demo.yaml``; its
    kNN and linear probe, MoCo vs random-init features, on held-out source training images), or
    ``--pretrained CKPT``;
@@ -50,22 +50,20 @@ import math
 import shlex
 import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from moco_pretrain.checkpoint import Checkpointer
 from moco_pretrain.commandline import exit_on_user_error
-from moco_pretrain.config import resolve_config_file, setup_cfg
+from moco_pretrain.config import resolve_config_file
 from moco_pretrain.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
 from moco_pretrain.files import atomic_write, atomic_write_json
-from moco_pretrain.pretrain import feature_comparison, run_pretraining
+from moco_pretrain.pretrain import feature_comparison
 from moco_pretrain.results import RESULTS_FILE, read_results
-from moco_pretrain.weights import load_backbone_state_dict
 
-from . import report
-from .convert import convert_to_detectron2, write_detectron2_pkl
-from .scenes import SUMMARY_FILE, build_fashion_scenes, scene_classes, scene_options
+from .datasets.scenes import SUMMARY_FILE, build_fashion_scenes, scene_classes, scene_options
+from .pipeline import Pipeline
 
 PRETRAIN_RECIPE = "pretrain/fashion_mnist_demo.yaml"
 SUPERVISED_RECIPE = "supervised/fashion_mnist.yaml"
@@ -102,24 +100,6 @@ DETECTRON2_INSTALL = (
     "pip install 'setuptools<81' && pip install --no-build-isolation "
     "'git+https://github.com/facebookresearch/detectron2.git'"
 )
-
-
-class Timer:
-    """Seconds spent per step, summed over resumed runs, in ``benchmark.json``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.record: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-        self.record.setdefault("seconds", {})
-
-    def run(self, step: str, fn, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:  # an interrupted step keeps the time it spent
-            spent = time.perf_counter() - start + self.record["seconds"].get(step, 0.0)
-            self.record["seconds"][step] = round(spent, 1)
-            atomic_write_json(self.path, self.record)
 
 
 def parse_classes(text: str, option: str) -> list[int]:
@@ -170,49 +150,12 @@ def check_partition(work: Path, partition: dict[str, list]) -> None:
         atomic_write_json(path, partition)
 
 
-def pretrain(out: Path, opts: list[str], timer: Timer, step: str) -> dict[str, Any]:
-    """A MoCo run of the demo recipe with ``opts`` into ``out``; its summary."""
-    if not (out / "summary.json").is_file():
-        cfg = setup_cfg(PRETRAIN_RECIPE, [*opts, "OUTPUT_DIR", str(out)])
-        timer.run(step, run_pretraining, cfg)
-    return json.loads((out / "summary.json").read_text())
+def source_check(checkpoint: str | Path, source: list[str]):
+    """The pipeline's conversion check: a ResNet-18 pretrained on exactly the ``source`` classes."""
+    return partial(check_source, checkpoint=checkpoint, source=source)
 
 
-def moco_checkpoint(out: Path, opts: list[str], timer: Timer, step: str) -> Path:
-    """The last checkpoint of a MoCo run of the demo recipe with ``opts`` (:func:`pretrain`)."""
-    return Path(pretrain(out, opts, timer, step)["checkpoint"])
-
-
-def train_supervised(out: Path, opts: list[str], timer: Timer, step: str) -> Path:
-    """The supervised ResNet-18 into ``out``; returns its last checkpoint."""
-    from moco_pretrain.supervised import run_supervised
-
-    if not (out / RESULTS_FILE).is_file():
-        cfg = setup_cfg(SUPERVISED_RECIPE, [*SUPERVISED_OPTS, *opts, "OUTPUT_DIR", str(out)])
-        timer.run(step, run_supervised, cfg)
-    return Checkpointer(out).last_checkpoint()
-
-
-def calibrated_random(out: Path, opts: list[str], timer: Timer, step: str) -> Path:
-    """The BN-calibrated random-init control (:func:`moco_pretrain.controls.run_random_bn`)."""
-    from moco_pretrain.controls import run_random_bn
-
-    cfg = setup_cfg(PRETRAIN_RECIPE, [*opts, "OUTPUT_DIR", str(out)])
-    return timer.run(step, run_random_bn, cfg)
-
-
-def convert(checkpoint: str | Path, path: Path, source: list[str]) -> Path:
-    """Detectron2 weights of a ResNet-18 checkpoint pretrained on the ``source`` classes only;
-    one line if it holds another architecture or records other classes, or none."""
-    if not path.is_file():
-        backbone = load_backbone_state_dict(checkpoint)
-        converted = convert_to_detectron2(backbone, arch=ARCH)
-        check_source(converted["provenance"], checkpoint, source)
-        write_detectron2_pkl(converted, path)
-    return path
-
-
-def check_source(provenance: dict[str, Any], checkpoint: str | Path, source: list[str]) -> None:
+def check_source(provenance: dict[str, Any], *, checkpoint: str | Path, source: list[str]) -> None:
     """Refuse a backbone whose record does not show it pretrained on exactly ``source``: its
     trials would claim a class-disjoint transfer they did not make."""
     classes = provenance.get("classes")
@@ -245,25 +188,9 @@ def scaled_schedule(recipe: str, factor: int, opts: list[str]) -> list[str]:
 def recipe_cfg(recipe: str, opts: list[str]):
     """The fine-tuning config of ``recipe`` with ``opts``, its ``MOCO.*`` values checked (one line
     naming a primary metric the task does not report, or overlapping partition classes)."""
-    from . import train_net
+    from .train_net import build_cfg
 
-    return train_net.load_cfg(str(resolve_config_file(recipe)), opts)
-
-
-def fine_tune(
-    out: Path, recipe: str, *, init: str, scenes: list[str], weights: Path | None, trials: int,
-    factor: int, opts: list[str],
-) -> None:  # fmt: skip
-    """``trials`` fine-tunes of ``recipe`` (as ``MOCO.INIT init``) into ``out``; ``scenes`` are
-    the overrides that register the scenes and record the partition."""
-    from . import train_net
-
-    argv = [
-        "--config-file", recipe, "--num-trials", str(trials), *scenes, "OUTPUT_DIR", str(out),
-        "MOCO.INIT", init, *(["MODEL.WEIGHTS", str(weights)] if weights else []),
-        *opts, *scaled_schedule(recipe, factor, opts),
-    ]  # fmt: skip
-    train_net.main(argv)
+    return build_cfg(str(resolve_config_file(recipe)), opts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,8 +278,7 @@ def run(args: argparse.Namespace) -> None:
             recipe_cfg(RECIPES[args.task].format(init=suffix), recipe_opts)
     work.mkdir(parents=True, exist_ok=True)
     check_partition(work, partition)
-    timer = Timer(work / "benchmark.json")
-    timer.record["command"] = shlex.join(["moco-benchmark", *sys.argv[1:]])
+    pipeline = Pipeline(work, command=shlex.join(["moco-benchmark", *sys.argv[1:]]))
     data = ["DATA.ROOT", str(args.data_root)] if args.data_root else []
     source = [*data, "DATA.CLASSES", str(partition["source_ids"])]
     if has_detectron2:
@@ -361,15 +287,15 @@ def run(args: argparse.Namespace) -> None:
                   "num_test": args.test_garments}  # fmt: skip
         if not (scenes / SUMMARY_FILE).is_file():  # rebuilt whole when unfinished
             root = args.data_root or FASHION_MNIST_DIR
-            timer.run("scenes", build_fashion_scenes, scenes, root=root,
-                      classes=partition["target_ids"], **counts)  # fmt: skip
+            pipeline.timed("scenes", build_fashion_scenes, scenes, root=root,
+                           classes=partition["target_ids"], **counts)  # fmt: skip
         check_scenes(scenes, counts, partition["target"])
     seeds = range(args.pretrain_seeds)
     moco_opts = [*source, *shlex.split(args.pretrain_opts)]
     moco: dict[int, Path] = {0: Path(args.pretrained)} if args.pretrained else {}
     for seed in seeds if not args.pretrained else ():
-        summary = pretrain(work / "moco" / f"seed_{seed}", [*moco_opts, "SEED", str(seed)],
-                           timer, f"pretrain/seed_{seed}")  # fmt: skip
+        summary = pipeline.pretrain(PRETRAIN_RECIPE, f"moco/seed_{seed}",
+                                    [*moco_opts, "SEED", str(seed)], step=f"pretrain/seed_{seed}")  # fmt: skip
         if seed == 0:
             print("\n".join(feature_comparison(summary)))
         moco[seed] = Path(summary["checkpoint"])
@@ -380,36 +306,44 @@ def run(args: argparse.Namespace) -> None:
         )
         return
 
-    def backbones(row: str, folder: str, train, opts: list[str], step: str) -> dict[int, Path]:
-        """Per pretraining seed, ``train(work/folder/seed_S, opts + SEED, timer, step)``'s
-        checkpoint converted to ``weights/<row>_seedS.pkl`` (one line if it is not a ResNet-18
-        of the source classes)."""
+    def convert(row: str, checkpoints: dict[int, Path]) -> dict[int, Path]:
+        """Per pretraining seed, ``weights/<row>_seedS.pkl`` (one line if a checkpoint is not a
+        ResNet-18 of the source classes)."""
         return {
-            s: convert(train(work / folder / f"seed_{s}", [*opts, "SEED", str(s)], timer,
-                             f"{step}/seed_{s}"),
-                       work / "weights" / f"{row}_seed{s}.pkl", partition["source"])
-            for s in seeds
+            s: pipeline.convert(c, f"weights/{row}_seed{s}.pkl", arch=ARCH,
+                                check=source_check(c, partition["source"]))
+            for s, c in checkpoints.items()
         }  # fmt: skip
 
-    pkls = {
-        "moco": {
-            s: convert(c, work / "weights" / f"moco_seed{s}.pkl", partition["source"])
-            for s, c in moco.items()
+    def trained(train, recipe: str, folder: str, opts: list[str], step: str) -> dict[int, Path]:
+        """Per pretraining seed, ``train(recipe, folder/seed_S, opts + SEED)``'s checkpoint."""
+        return {
+            s: train(recipe, f"{folder}/seed_{s}", [*opts, "SEED", str(s)], step=f"{step}/seed_{s}")
+            for s in seeds
         }
-    }
-    supervised_opts = [*source, *shlex.split(args.supervised_opts)]
-    pkls["sup"] = backbones("sup", "supervised", train_supervised, supervised_opts, "supervised")
+
+    pkls = {"moco": convert("moco", moco)}
+    supervised_opts = [*source, *SUPERVISED_OPTS, *shlex.split(args.supervised_opts)]
+    pkls["sup"] = convert(
+        "sup",
+        trained(
+            pipeline.supervised, SUPERVISED_RECIPE, "supervised", supervised_opts, "supervised"
+        ),
+    )
     if args.controls:
         no_eval = ["KNN.FINAL", "False", "KNN.MONITOR_PERIOD", "0"]
-        pkls["random_bn"] = backbones(
-            "random_bn", "random_bn", calibrated_random, moco_opts, "controls/random_bn"
-        )
-        pkls["moco_m0"] = backbones(
-            "moco_m0", "moco_m0", moco_checkpoint, [*moco_opts, *no_eval, "MODEL.M", "0.0"],
-            "controls/moco_m0",
+        m0 = [*moco_opts, *no_eval, "MODEL.M", "0.0"]
+        pkls["random_bn"] = convert(
+            "random_bn",
+            trained(calibrated_random(pipeline), PRETRAIN_RECIPE, "random_bn", moco_opts,
+                    "controls/random_bn"),
         )  # fmt: skip
+        pkls["moco_m0"] = convert(
+            "moco_m0",
+            trained(last_checkpoint(pipeline), PRETRAIN_RECIPE, "moco_m0", m0, "controls/moco_m0"),
+        )
     curve = (
-        epoch_curve_weights(work, args, moco_opts, timer, partition["source"])
+        epoch_curve_weights(pipeline, args, moco_opts, partition["source"])
         if args.epoch_curve
         else {}
     )
@@ -417,10 +351,18 @@ def run(args: argparse.Namespace) -> None:
     task_dir = TASK_DIRS[args.task]
     rows = {**ROWS, **(CONTROL_ROWS if args.controls else {})}
     default_partition = partition == partition_of(build_parser().parse_args([]))
+
+    def fine_tune(recipe: str, folder: Path, pkl: Path | None, trials: int, *, init: str,
+                  schedule: str, step: str) -> None:  # fmt: skip
+        opts = [*scene_opts, "MOCO.INIT", init, *args.opts]
+        opts += scaled_schedule(recipe, SCHEDULES[schedule], args.opts)
+        pipeline.fine_tune(recipe, folder, weights=pkl, trials=trials, opts=opts, step=step)
+
     for schedule in args.schedules:
         run_name = schedule + ("-val" if args.eval_split == "val" else "") + args.name
         step = run_name if args.task == "detection" else f"{task_dir}/{run_name}"
         main_only = schedule != "short"  # the long schedule: main rows, first pretraining seed
+
         report_rows = []
         for row, (label, suffix, init) in rows.items():
             if main_only and row not in ROWS:
@@ -432,38 +374,32 @@ def run(args: argparse.Namespace) -> None:
                 used = sorted(pkls[row])[:1] if main_only else sorted(pkls[row])
                 runs = [(out / f"seed_{s}", pkls[row][s], args.trials) for s in used]
             for folder, pkl, trials in runs:
-                timer.run(
-                    f"fine_tune/{step}/{row}", fine_tune, folder, recipe, init=init,
-                    scenes=scene_opts, weights=pkl, trials=trials, factor=SCHEDULES[schedule],
-                    opts=args.opts,
-                )  # fmt: skip
-            report_rows.append(f"{label}={out}")
+                fine_tune(recipe, folder, pkl, trials, init=init, schedule=schedule,
+                          step=f"fine_tune/{step}/{row}")  # fmt: skip
+            report_rows.append((label, out))
         curve_dirs = {}
         if curve and schedule == "short":
-            recipe = RECIPES[args.task].format(init="moco")
             for epoch, pkl in curve.items():
                 curve_dirs[epoch] = work / task_dir / run_name / "epochs" / f"epoch_{epoch}"
-                timer.run(
-                    f"fine_tune/{step}/epochs", fine_tune, curve_dirs[epoch], recipe, init="moco",
-                    scenes=scene_opts, weights=pkl, trials=args.trials, factor=1, opts=args.opts,
-                )  # fmt: skip
+                fine_tune(RECIPES[args.task].format(init="moco"), curve_dirs[epoch], pkl,
+                          args.trials, init="moco", schedule=schedule,
+                          step=f"fine_tune/{step}/epochs")  # fmt: skip
         print(f"\n# Fashion-MNIST scenes, {args.task}, {schedule} schedule, {args.eval_split}"
               f" scenes; source {partition['source']}, target {partition['target']}\n")  # fmt: skip
         output = work / "report" / step
         # The protocol's confirmatory comparisons: MoCo against the two baselines, short
         # schedule, the default partition, test scenes; everything else is secondary.
         primary_run = schedule == "short" and args.eval_split == "test" and default_partition
-        confirmatory = [ROWS["moco"][0]] if primary_run else []
-        report.main([*report_rows, "--output", str(output), "--supervised", ROWS["sup"][0],
-                     "--random", ROWS["random"][0], "--confirmatory", *confirmatory])  # fmt: skip
+        pipeline.report(report_rows, output, supervised=ROWS["sup"][0], random=ROWS["random"][0],
+                        confirmatory=[ROWS["moco"][0]] if primary_run else [])  # fmt: skip
         if args.controls and not main_only:
             # What a control is for: its contrast with MoCo, the first baseline of this report
             # (its CSV's *_supervised columns), and with random init; all secondary.
             folder = work / task_dir / run_name
-            control_rows = [f"{ROWS[r][0]}={folder / r}" for r in ("moco", "random")]
-            control_rows += [f"{label}={folder / r}" for r, (label, *_) in CONTROL_ROWS.items()]
-            report.main([*control_rows, "--output", str(output / "controls"), "--supervised",
-                         ROWS["moco"][0], "--random", ROWS["random"][0], "--confirmatory"])  # fmt: skip
+            control_rows = [(ROWS[r][0], folder / r) for r in ("moco", "random")]
+            control_rows += [(label, folder / r) for r, (label, *_) in CONTROL_ROWS.items()]
+            pipeline.report(control_rows, output / "controls", supervised=ROWS["moco"][0],
+                            random=ROWS["random"][0], confirmatory=[])  # fmt: skip
         if curve_dirs:
             metric = recipe_cfg(RECIPES[args.task].format(init="moco"), recipe_opts)
             plot_epoch_curve(
@@ -472,21 +408,42 @@ def run(args: argparse.Namespace) -> None:
             )  # fmt: skip
 
 
+def calibrated_random(pipeline: Pipeline):
+    """The BN-calibrated random-init control as a pipeline step (its checkpoint)."""
+    from moco_pretrain.controls import RANDOM_BN_FILE, run_random_bn
+
+    def train(recipe: str, out: str, opts: list[str], *, step: str) -> Path:
+        pipeline.run(run_random_bn, recipe, out, opts, done=RANDOM_BN_FILE, step=step)
+        return pipeline.path(out) / RANDOM_BN_FILE
+
+    return train
+
+
+def last_checkpoint(pipeline: Pipeline):
+    """A MoCo run as a pipeline step that returns its last checkpoint."""
+
+    def train(recipe: str, out: str, opts: list[str], *, step: str) -> Path:
+        return Path(pipeline.pretrain(recipe, out, opts, step=step)["checkpoint"])
+
+    return train
+
+
 def epoch_curve_weights(
-    work: Path, args: argparse.Namespace, moco_opts: list[str], timer: Timer, source: list[str]
+    pipeline: Pipeline, args: argparse.Namespace, moco_opts: list[str], source: list[str]
 ) -> dict[int, Path]:
     """One MoCo run of max(``--epoch-curve``) epochs (seed 0, every checkpoint kept); its
     converted checkpoints at those epochs."""
-    out = work / "moco_curve"
     epochs = sorted(set(args.epoch_curve))
     opts = [*moco_opts, "SOLVER.EPOCHS", str(epochs[-1]), "TRAIN.KEEP_LAST", "0",
             "KNN.FINAL", "False", "SEED", "0"]  # fmt: skip
-    pretrain(out, opts, timer, "epoch_curve/pretrain")
-    checkpointer = Checkpointer(out)
-    return {
-        e: convert(checkpointer.path_for(e - 1), work / "weights" / f"moco_curve_ep{e}.pkl", source)
-        for e in epochs
-    }
+    pipeline.pretrain(PRETRAIN_RECIPE, "moco_curve", opts, step="epoch_curve/pretrain")
+    checkpointer = Checkpointer(pipeline.path("moco_curve"))
+    weights = {}
+    for e in epochs:
+        checkpoint = checkpointer.path_for(e - 1)
+        weights[e] = pipeline.convert(checkpoint, f"weights/moco_curve_ep{e}.pkl", arch=ARCH,
+                                      check=source_check(checkpoint, source))  # fmt: skip
+    return weights
 
 
 def _primary_values(folder: Path, metric: str) -> list[float]:

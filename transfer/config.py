@@ -6,7 +6,7 @@ from detectron2.config import CfgNode as CN
 
 from . import (
     roi_heads,  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
-    semantic_seg,  # registers FCNHead
+    semantic_seg,  # noqa: F401  (registers FCNHead)
 )
 
 __all__ = ["INITS", "VOC_CLASSES", "add_moco_config", "check_moco_config", "produced_metrics"]
@@ -20,8 +20,6 @@ VOC_CLASSES = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
     "tvmonitor",
 )  # fmt: skip
-
-semantic_seg.register_builtin_voc(["background", *VOC_CLASSES])
 
 
 def produced_metrics(cfg: CN) -> list[str]:
@@ -106,7 +104,7 @@ def add_moco_config(cfg: CN) -> None:
     # list_file). label_root holds one PNG of class indices per image (IGNORE_VALUE: not scored),
     # named like the image; list_file names the image ids of the split, one per line ("": every
     # PNG in label_root). voc_2012_train_aug_sem_seg / voc_2012_val_sem_seg need no entry
-    # (transfer.semantic_seg registers them under $DETECTRON2_DATASETS/VOC2012).
+    # (register_datasets registers them under $DETECTRON2_DATASETS/VOC2012 when named).
     cfg.MOCO.DATASETS.SEM_SEG = []
     # Class names of the semantic-segmentation datasets above, index 0 first.
     cfg.MOCO.DATASETS.SEM_SEG_CLASSES = ["background", *VOC_CLASSES]

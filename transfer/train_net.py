@@ -31,6 +31,8 @@ import json
 import logging
 import os
 import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -68,7 +70,7 @@ from moco_pretrain.files import file_sha256
 from moco_pretrain.results import RESULTS_FILE, write_results
 
 from .config import add_moco_config, check_moco_config
-from .datasets import register_datasets
+from .datasets.register import register_datasets
 from .preflight import load_verified
 from .semantic_seg import train_augmentations
 
@@ -177,18 +179,23 @@ class Trainer(DefaultTrainer):
         raise ValueError(f"dataset {dataset_name!r} has evaluator_type {evaluator_type!r}")
 
 
-def build_cfg(args: argparse.Namespace) -> CfgNode:
-    """The config of the command line's ``--config-file`` and ``KEY VALUE`` overrides."""
-    return load_cfg(args.config_file, args.opts)
+@dataclass(frozen=True)
+class FineTune:
+    """What to fine-tune: a config file (a path) and its ``KEY VALUE`` overrides; with
+    ``eval_only``, evaluate ``MODEL.WEIGHTS`` instead. detectron2's ``default_setup`` logs it."""
+
+    config_file: str
+    opts: list[str] = field(default_factory=list)
+    eval_only: bool = False
 
 
-def load_cfg(config_file: str, opts: list[str]) -> CfgNode:
+def build_cfg(config_file: str, opts: Sequence[str]) -> CfgNode:
     """detectron2 defaults + ``MOCO.*`` + the YAML + ``KEY VALUE`` overrides (not frozen), its
     ``MOCO.*`` values checked."""
     cfg = get_cfg()
     add_moco_config(cfg)
     cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
+    cfg.merge_from_list(list(opts))
     check_moco_config(cfg)
     return cfg
 
@@ -197,14 +204,14 @@ def trial_dir(cfg: CfgNode, trial: int) -> Path:
     return Path(cfg.OUTPUT_DIR) / f"trial_{trial}"
 
 
-def setup(args: argparse.Namespace, trial: int) -> CfgNode:
-    cfg = build_cfg(args)
+def setup(job: FineTune, trial: int) -> CfgNode:
+    cfg = build_cfg(job.config_file, job.opts)
     cfg.OUTPUT_DIR = str(trial_dir(cfg, trial))
     cfg.SEED = max(cfg.SEED, 0) + trial
     cfg.freeze()
     register_datasets(cfg)
     _detach_previous_trial_logs()
-    default_setup(cfg, args)  # output dir, logging to OUTPUT_DIR/log.txt, config.yaml, seeds
+    default_setup(cfg, job)  # output dir, logging to OUTPUT_DIR/log.txt, config.yaml, seeds
     return cfg
 
 
@@ -362,14 +369,14 @@ def set_aside_interrupted_attempt(output_dir: Path) -> None:
     )  # fmt: skip
 
 
-def run_trial(args: argparse.Namespace, trial: int) -> dict[str, Any]:
+def run_trial(job: FineTune, trial: int) -> dict[str, Any]:
     """One trial, in every process that ``launch`` starts."""
-    cfg = setup(args, trial)
-    if not args.eval_only and comm.is_main_process():
+    cfg = setup(job, trial)
+    if not job.eval_only and comm.is_main_process():
         set_aside_interrupted_attempt(Path(cfg.OUTPUT_DIR))
     # the schedule the trial trains (or trained) with: rescaled to the processes
     effective = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-    if args.eval_only:
+    if job.eval_only:
         model = Trainer.build_model(cfg)
         checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
         load = partial(checkpointer.resume_or_load, cfg.MODEL.WEIGHTS, resume=False)
@@ -385,7 +392,7 @@ def run_trial(args: argparse.Namespace, trial: int) -> dict[str, Any]:
         load()
     results = run()
     if comm.is_main_process():
-        config_file = Path(args.config_file).resolve()
+        config_file = Path(job.config_file).resolve()
         if config_file.is_relative_to(config_root().resolve()):
             config_file = config_file.relative_to(config_root().resolve())
         write_trial_results(
@@ -401,6 +408,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def fine_tune(
+    job: FineTune, *, trials: Sequence[int], num_gpus: int = 1, num_machines: int = 1,
+    machine_rank: int = 0, dist_url: str = "auto",
+) -> None:  # fmt: skip
+    """Run ``job``'s ``trials`` one after another, each on ``num_gpus`` processes per machine; a
+    trial with a ``results.json`` is skipped (unless evaluating)."""
+    cfg = build_cfg(job.config_file, job.opts)
+    for trial in trials:
+        done = trial_dir(cfg, trial) / RESULTS_FILE
+        if done.is_file() and not job.eval_only:
+            print(f"moco-transfer: trial {trial} is finished ({done}); skipped")
+            continue
+        launch(
+            run_trial, num_gpus, num_machines=num_machines, machine_rank=machine_rank,
+            dist_url=dist_url, args=(job, trial),
+        )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     with exit_on_user_error("moco-transfer"):  # bad config, missing data or weights
@@ -411,22 +436,12 @@ def main(argv: list[str] | None = None) -> None:
                 " iteration 0: rerun the command without --resume (to evaluate a checkpoint:"
                 " --eval-only MODEL.WEIGHTS PATH)"
             )
-        args.config_file = str(resolve_config_file(args.config_file))
-        cfg = build_cfg(args)
-        trials = [args.trial] if args.trial is not None else range(args.num_trials)
-        for trial in trials:
-            done = trial_dir(cfg, trial) / RESULTS_FILE
-            if done.is_file() and not args.eval_only:
-                print(f"moco-transfer: trial {trial} is finished ({done}); skipped")
-                continue
-            launch(
-                run_trial,
-                args.num_gpus,
-                num_machines=args.num_machines,
-                machine_rank=args.machine_rank,
-                dist_url=args.dist_url,
-                args=(args, trial),
-            )
+        job = FineTune(str(resolve_config_file(args.config_file)), args.opts, args.eval_only)
+        fine_tune(
+            job, trials=[args.trial] if args.trial is not None else range(args.num_trials),
+            num_gpus=args.num_gpus, num_machines=args.num_machines,
+            machine_rank=args.machine_rank, dist_url=args.dist_url,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

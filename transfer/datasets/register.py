@@ -2,7 +2,8 @@
 
 detectron2's builtin names (``voc_2007_trainval``, ``coco_2017_train``, ...) are registered when
 detectron2 is imported and read their files under ``$DETECTRON2_DATASETS``; nothing is done here
-for them. Evaluators are chosen later from ``MetadataCatalog.get(name).evaluator_type``, which
+for them, except VOC 2012's semantic-segmentation splits, which detectron2 lacks and which are
+registered here when a config names them. Evaluators are chosen later from ``MetadataCatalog.get(name).evaluator_type``, which
 this module sets for every dataset it registers.
 """
 
@@ -14,7 +15,8 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances, register_pascal_voc
 
-from .semantic_seg import register_sem_seg
+from ..config import VOC_CLASSES
+from ..semantic_seg import VOC_SEM_SEG, register_builtin_voc, register_sem_seg
 
 __all__ = ["register_datasets"]
 
@@ -40,8 +42,11 @@ def _check_exists(name: str, *paths: Path) -> None:
 
 
 def register_datasets(cfg: CfgNode) -> list[str]:
-    """Register every ``MOCO.DATASETS.VOC`` / ``.COCO`` / ``.SEM_SEG`` entry; returns the names.
-    Idempotent."""
+    """Register every ``MOCO.DATASETS.VOC`` / ``.COCO`` / ``.SEM_SEG`` entry, and VOC 2012's
+    semantic-segmentation splits when ``DATASETS.TRAIN`` / ``TEST`` name them; returns the names
+    of the entries. Idempotent."""
+    if set(VOC_SEM_SEG) & {*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST}:
+        register_builtin_voc(["background", *VOC_CLASSES])
     names = []
     classes = list(cfg.MOCO.DATASETS.VOC_CLASSES)
     year = cfg.MOCO.DATASETS.VOC_YEAR

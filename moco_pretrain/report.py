@@ -11,7 +11,7 @@ Rows are tabulated per task. The supervised and random baselines are ``--supervi
 ``--random``, or else the one row whose results record ``init`` "supervised" (then
 "supervised-tv") / "random". Every other row is compared with each baseline, each pair of rows
 once (the supervised row against the random one, not back). The statistics are those of
-:mod:`transfer.comparison`:
+:mod:`moco_pretrain.comparison`:
 
 - **Primary metric.** The one metric a study declared before it ran, in its config
   (``MOCO.PRIMARY_METRIC``, a detectron2 metric key such as ``bbox/AP``), or ``--primary``. Its
@@ -61,11 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moco_pretrain.commandline import exit_on_user_error
-from moco_pretrain.config import config_root
-from moco_pretrain.files import atomic_write
-from moco_pretrain.results import RESULTS_FILE, read_results
-
+from .commandline import exit_on_user_error
 from .comparison import (
     LIKELY_CAUSES,
     RESAMPLES,
@@ -84,6 +80,9 @@ from .comparison import (
     two_level_bootstrap,
     welch,
 )
+from .config import config_root
+from .files import atomic_write
+from .results import RESULTS_FILE, read_results
 
 __all__ = [
     "Row",
@@ -212,9 +211,9 @@ def _partition_text(partition: tuple[tuple[str, ...], ...] | None) -> str:
     return f"source [{source}] / target [{target}]"
 
 
-def collect_rows(row_args: Sequence[str]) -> tuple[list[Row], list[str]]:
-    """Read every ``results.json`` under each ``[LABEL=]DIR``; one :class:`Row` per label, task
-    and protocol. Returns the rows and notes (files skipped, rows split by protocol).
+def collect_rows(folders: Sequence[tuple[str, Path]]) -> tuple[list[Row], list[str]]:
+    """Read every ``results.json`` under each ``(label, folder)``; one :class:`Row` per label,
+    task and protocol. Returns the rows and notes (files skipped, rows split by protocol).
 
     Raises:
         ValueError: a file belongs to two rows, or trials of one task record different class
@@ -224,8 +223,7 @@ def collect_rows(row_args: Sequence[str]) -> tuple[list[Row], list[str]]:
     partitions: dict[str, dict[Any, str]] = {}  # task -> partition -> the first row with it
     seen: dict[Path, str] = {}
     notes: list[str] = []
-    for arg in row_args:
-        label, root = _parse_row_arg(arg)
+    for label, root in folders:
         files = [root] if root.is_file() else sorted(root.rglob(RESULTS_FILE))
         if not files:
             raise FileNotFoundError(f"no {RESULTS_FILE} under {root} (row {label!r})")
@@ -781,37 +779,45 @@ def build_parser() -> argparse.ArgumentParser:
         " none given: no confirmatory comparison in this report, e.g. a secondary schedule)",
     )  # fmt: skip
     parser.add_argument(
-        "--expected", default=str(config_root() / "expected.yaml"),
-        help="expected results per config (default: %(default)s; '' for none)",
+        "--expected", default=None,
+        help=f"expected results per config (default: {config_root() / 'expected.yaml'}; '' for none)",
     )  # fmt: skip
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    with exit_on_user_error("moco-report"):
-        rows, notes = collect_rows(args.rows)
-        if not rows:
-            raise ValueError(f"no readable results in {args.rows}: " + "; ".join(notes))
-        entries = load_expected(args.expected) if args.expected else []
-        for row in rows:
-            found = find_expected(entries, row.config, row.pretraining)
-            row.expected = found[0] if len(found) == 1 else None
-            if len(found) > 1:
-                notes.append(f"row {row.label!r} matches {len(found)} expected entries"
-                             f" ({', '.join(e.name for e in found)}): none shown")  # fmt: skip
-        baselines = (
-            _baseline(rows, args.supervised, ("supervised", "supervised-tv"), notes),
-            _baseline(rows, args.random, ("random",), notes),
-        )
-        primaries = primary_metrics(rows, args.primary, notes)
-        unknown = set(args.confirmatory or ()) - {r.label for r in rows}
-        if unknown:
-            raise ValueError(f"--confirmatory names rows that are not here: {sorted(unknown)}")
+def write_report(
+    rows: Sequence[tuple[str, Path]], output: Path, *, supervised: str | None = None,
+    random: str | None = None, metrics: Sequence[str] = DEFAULT_METRICS,
+    primary: str | None = None, confirmatory: Sequence[str] | None = None,
+    expected: str | Path | None = None,
+) -> str:  # fmt: skip
+    """Write ``report.{md,csv,png}`` of the ``(label, folder)`` rows into ``output`` and return
+    the markdown. ``supervised`` / ``random`` label the baselines (default: found by the trials'
+    ``init``); ``confirmatory`` the rows whose primary comparisons are confirmatory (None: all,
+    empty: none); ``expected``: a YAML of expected numbers (None: ``configs/expected.yaml``, "":
+    none). Bad input raises ValueError (or FileNotFoundError) before anything is written."""
+    found, notes = collect_rows(rows)
+    if not found:
+        raise ValueError(f"no readable results in {[str(f) for _, f in rows]}: " + "; ".join(notes))
+    expected = config_root() / "expected.yaml" if expected is None else expected
+    entries = load_expected(expected) if expected else []
+    for row in found:
+        matches = find_expected(entries, row.config, row.pretraining)
+        row.expected = matches[0] if len(matches) == 1 else None
+        if len(matches) > 1:
+            notes.append(f"row {row.label!r} matches {len(matches)} expected entries"
+                         f" ({', '.join(e.name for e in matches)}): none shown")  # fmt: skip
+    baselines = (
+        _baseline(found, supervised, ("supervised", "supervised-tv"), notes),
+        _baseline(found, random, ("random",), notes),
+    )
+    primaries = primary_metrics(found, primary, notes)
+    unknown = set(confirmatory or ()) - {r.label for r in found}
+    if unknown:
+        raise ValueError(f"confirmatory rows that are not here: {sorted(unknown)}")
     for note in notes:
         print(f"moco-report: {note}", file=sys.stderr)
-    tables = _table(rows, baselines, args.metrics, primaries, args.confirmatory)
-    output = Path(args.output)
+    tables = _table(found, baselines, metrics, primaries, confirmatory)
     output.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(tables, baselines, notes)
     atomic_write(output / "report.md", lambda f: f.write(markdown.encode()))
@@ -819,6 +825,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     atomic_write(output / "report.png", lambda f: f.write(render_png(tables)))
     print(markdown)
     print(f"wrote {output}/report.md, report.csv, report.png")
+    return markdown
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with exit_on_user_error("moco-report"):
+        write_report(
+            [_parse_row_arg(arg) for arg in args.rows], Path(args.output),
+            supervised=args.supervised, random=args.random, metrics=args.metrics,
+            primary=args.primary, confirmatory=args.confirmatory, expected=args.expected,
+        )  # fmt: skip
     return 0
 
 
