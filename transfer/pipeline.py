@@ -48,6 +48,7 @@ class Pipeline:
         record = json.loads(self.costs_path.read_text()) if self.costs_path.is_file() else {}
         self.costs: dict[str, Any] = {"seconds": {}, **record, "command": command}
         self.costs["machine"] = describe_machine()
+        atomic_write_json(self.costs_path, self.costs)
 
     def path(self, out: str | Path) -> Path:
         return self.work / out
