@@ -1,4 +1,4 @@
-"""What ran a benchmark or study: written next to every figure the tools report."""
+"""What ran a measurement or study: written next to every figure the tools report."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ next part runs. In order:
 2. ``gpu_tests``: the tests marked ``gpu`` (device augmentation without host syncs, fp32 and NCHW
    by default, the opt-in bf16 autocast and channels-last against fp32, fused SGD, the momentum
    update, no host sync in a step, compile);
-3. ``model``: ``tools/benchmark_pretrain.py``, ResNet-50, 224 px, batch 256, K 65536, v2 head,
+3. ``model``: ``tools/pretrain_speed.py``, ResNet-50, 224 px, batch 256, K 65536, v2 head,
    model only: ours at the defaults (fp32, NCHW, as the official code) vs the official-behaviour
    baseline (images/s, peak memory, step split);
 4. ``model_bf16``: 3 with ours opted in to bf16 autocast and channels-last
@@ -80,7 +80,7 @@ TARGETS = {  # name: (what, comparison, bound)
 
 
 class Timing(NamedTuple):
-    """``benchmark_pretrain.py``'s timed steps per round, untimed warm-up steps and rounds."""
+    """``pretrain_speed.py``'s timed steps per round, untimed warm-up steps and rounds."""
 
     steps: int
     warmup: int
@@ -101,7 +101,7 @@ class Sizes(NamedTuple):
     """What the parts run: the targets' sizes on a GPU, toy sizes in a dry run."""
 
     device: str
-    threads: int  # torch CPU threads of the benchmarks (0: torch's default)
+    threads: int  # torch CPU threads of the speed runs (0: torch's default)
     workers: int  # DATA.NUM_WORKERS
     arch: str
     image_size: int
@@ -178,11 +178,11 @@ def python(*args: Any) -> list[str]:
     return [sys.executable, *map(str, args)]
 
 
-def benchmark_part(name: str, sizes: Sizes, work: Path, timing: Timing, *args: str) -> Part:
-    """``benchmark_pretrain.py`` at these sizes; ``args``: its options, then config overrides."""
+def speed_part(name: str, sizes: Sizes, work: Path, timing: Timing, *args: str) -> Part:
+    """``pretrain_speed.py`` at these sizes; ``args``: its options, then config overrides."""
     result = work / f"{name}.json"
     command = python(
-        ROOT / "tools" / "benchmark_pretrain.py", "--device", sizes.device,
+        ROOT / "tools" / "pretrain_speed.py", "--device", sizes.device,
         "--threads", sizes.threads, *timing.args(), "--json", result, *args,
     )  # fmt: skip
     return Part(name, command, result)
@@ -286,15 +286,15 @@ def plan(args: argparse.Namespace, machine: dict[str, Any], work: Path) -> list[
         Part("gpu_tests", python("-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                                  "--junitxml", work / "gpu_tests.xml", ROOT / "tests"),
              work / "gpu_tests.xml", read_junit),
-        benchmark_part("model", sizes, work, sizes.model, *sizes.model_opts()),
-        benchmark_part("model_bf16", sizes, work, sizes.model, *sizes.model_opts(), *BF16),
+        speed_part("model", sizes, work, sizes.model, *sizes.model_opts()),
+        speed_part("model_bf16", sizes, work, sizes.model, *sizes.model_opts(), *BF16),
         profile_part("profile", sizes, work, ["ours", "baseline"]),
-        benchmark_part("e2e", sizes, work, sizes.e2e, "--mode", "e2e", "--aug", "device",
+        speed_part("e2e", sizes, work, sizes.e2e, "--mode", "e2e", "--aug", "device",
                        *sizes.model_opts(), "DATA.ROOT", str(jpegs), *workers),
-        benchmark_part("compile", sizes, work, sizes.compile, *sizes.model_opts(),
+        speed_part("compile", sizes, work, sizes.compile, *sizes.model_opts(),
                        "TRAIN.COMPILE", "True"),
         profile_part("compile_profile", sizes, work, ["ours"], "TRAIN.COMPILE", "True"),
-        # the benchmark's first MoCo run (source classes, seed 0), which "scenes" reads back
+        # moco-benchmark's first MoCo run (source classes, seed 0), which "scenes" reads back
         Part("fashion_mnist", python("-m", "moco_pretrain.cli.pretrain", "--config-file",
                                      "pretrain/fashion_mnist_demo.yaml", "DATA.ROOT", fashion,
                                      "DATA.CLASSES", "[0, 2, 4, 6, 8]", *recipe_opts, "SEED", "0",
@@ -542,7 +542,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def render_splits(parts: dict[str, Any]) -> list[str]:
-    """The benchmarks' step split (ms per step, from their instrumented pass)."""
+    """The speed runs' step split (ms per step, from their instrumented pass)."""
     rows = [
         (name, variant, result[variant])
         for name in ("model", "model_bf16", "e2e", "compile")
@@ -628,7 +628,7 @@ def profile_worker(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the time between step ends is measured)")
-    import benchmark_pretrain as bench  # tools/, this script's folder, is on sys.path
+    import pretrain_speed as speed  # tools/, this script's folder, is on sys.path
     import torch
 
     from moco_pretrain.config import setup_cfg
@@ -637,23 +637,23 @@ def profile_worker(argv: list[str]) -> None:
         torch.set_num_threads(args.threads)
     cfg = setup_cfg(None, args.opts)
     device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True  # as the benchmark
+    torch.backends.cudnn.benchmark = True  # as the speed tool
     batches = argparse.Namespace(mode="model", steps=max(args.warmup, args.steps))
     report = {}
     for variant in args.variant:
-        loader = bench.build_loaders(cfg, batches, device)[0]
-        trainer = bench.build_runner(
+        loader = speed.build_loaders(cfg, batches, device)[0]
+        trainer = speed.build_runner(
             cfg, official=variant == "baseline", loader=loader, device=device
         )
         trainer.max_iters_per_epoch = args.warmup
-        bench.quiet_epoch(trainer, 0)
+        speed.quiet_epoch(trainer, 0)
         trainer.max_iters_per_epoch = args.steps
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        clock = bench.StepClock(trainer.optimizer, device)  # no sync of its own
+        clock = speed.StepClock(trainer.optimizer, device)  # no sync of its own
         with torch.profiler.profile(activities=activities) as profile:
-            bench.quiet_epoch(trainer, 1)
+            speed.quiet_epoch(trainer, 1)
         report[variant] = kernel_shares(
             profile.key_averages(), steps=args.steps, step_s=clock.seconds_per_step(),
             on_cuda=device.type == "cuda",

@@ -1,4 +1,4 @@
-"""The benchmark tool: runs both variants through the engine and reports the agreed JSON."""
+"""tools/pretrain_speed.py: runs both variants through the engine and reports the agreed JSON."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def tool():
-    return load_tool("benchmark_pretrain")
+    return load_tool("pretrain_speed")
 
 
 def _check_report(report: dict, tool) -> None:

@@ -36,9 +36,9 @@ and its ``--warmup`` steps. On a shared CPU, ``--threads 1`` gives the steadiest
 
 Examples (the CPU figures in docs/performance.md)::
 
-    python tools/benchmark_pretrain.py --config-file pretrain/fashion_mnist_demo.yaml \
+    python tools/pretrain_speed.py --config-file pretrain/fashion_mnist_demo.yaml \
         --device cpu --mode pipeline --steps 10 --warmup 2 --rounds 7
-    python tools/benchmark_pretrain.py --device cpu --threads 1 --steps 4 --warmup 2 --rounds 8 \
+    python tools/pretrain_speed.py --device cpu --threads 1 --steps 4 --warmup 2 --rounds 8 \
         --json out.json MODEL.ARCH resnet18 DATA.IMAGE_SIZE 64 SOLVER.BATCH_SIZE 32 MODEL.K 4096
 """
 
@@ -414,7 +414,7 @@ def build_variants(
     }
 
 
-def benchmark(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
+def measure(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True  # as the official main_moco.py
     torch.manual_seed(cfg.SEED)
@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = setup_cfg(args.config_file or None, args.opts, pretraining=True)
-    report = benchmark(cfg, args)
+    report = measure(cfg, args)
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:
