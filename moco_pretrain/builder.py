@@ -159,7 +159,7 @@ class MoCo(nn.Module):
         """
         q = F.normalize(self.encoder_q(im_q), dim=1)  # queries: NxC
 
-        # record_function ranges name the parts for torch.profiler (tools/benchmark_pretrain.py).
+        # record_function ranges name the parts for torch.profiler (tools/pretrain_speed.py).
         with torch.no_grad():  # no gradient to keys
             with record_function("moco/momentum_update"):
                 self._momentum_update_key_encoder()

@@ -76,7 +76,7 @@ _C.SOLVER.STEPS = (120, 160)  # epochs at which "step" multiplies the lr by GAMM
 _C.SOLVER.GAMMA = 0.1
 _C.SOLVER.MOMENTUM = 0.9
 _C.SOLVER.WEIGHT_DECAY = 1e-4
-_C.SOLVER.MAX_ITERS_PER_EPOCH = 0  # >0: cut every epoch short (smoke runs, benchmarks)
+_C.SOLVER.MAX_ITERS_PER_EPOCH = 0  # >0: cut every epoch short (smoke runs, speed measurements)
 
 _C.TRAIN = CN()
 # fp32 and NCHW by default, as the official code. Opt-in speed-up on CUDA, a deviation not yet

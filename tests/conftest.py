@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from moco_pretrain.fake_data import write_fashion_mnist
 
 
 def write_image_folder(
@@ -49,27 +50,10 @@ def _few_threads():
     torch.set_num_threads(previous)
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(n).to_bytes(4, "big") for n in array.shape
-    )
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope="session")
 def tiny_fashion_mnist(tmp_path_factory) -> Path:
     """10 classes x 8 train / 4 test images, 28x28: class c is a bright band at rows 2c..2c+6."""
-    root = tmp_path_factory.mktemp("fashion_mnist")
-    rng = np.random.default_rng(0)
-    for prefix, per_class in (("train", 8), ("t10k", 4)):
-        labels = np.repeat(np.arange(10), per_class)
-        images = rng.integers(0, 60, size=(len(labels), 28, 28))
-        for i, c in enumerate(labels):
-            images[i, 2 * c : 2 * c + 6] += 180
-        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return root
+    return write_fashion_mnist(tmp_path_factory.mktemp("fashion_mnist"))
 
 
 def write_converted_resnet50(root: Path, *, drop: str = "") -> Path:

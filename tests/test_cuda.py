@@ -129,7 +129,7 @@ def test_momentum_update_rounds_like_the_official_loop_on_the_gpu():
     with torch.no_grad():
         for param in model.encoder_q.parameters():
             param.add_(torch.randn_like(param))
-    official = load_tool("benchmark_pretrain").OfficialMoCo._momentum_update_key_encoder
+    official = load_tool("pretrain_speed").OfficialMoCo._momentum_update_key_encoder
     key_before = {k: v.clone() for k, v in model.encoder_k.state_dict().items()}
     model._momentum_update_key_encoder()
     ours = {k: v.clone() for k, v in model.encoder_k.state_dict().items()}

@@ -1,11 +1,15 @@
-"""The benchmark tool: runs both variants through the engine and reports the agreed JSON."""
+"""tools/pretrain_speed.py: runs both variants through the engine and reports the agreed JSON;
+its profile of the largest kernels and host syncs."""
 
 from __future__ import annotations
 
 import json
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.autograd import DeviceType
 
 from tests.tool_loader import load_tool
 
@@ -23,7 +27,7 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def tool():
-    return load_tool("benchmark_pretrain")
+    return load_tool("pretrain_speed")
 
 
 def _check_report(report: dict, tool) -> None:
@@ -42,14 +46,26 @@ def _check_report(report: dict, tool) -> None:
     assert report["ratio"]["images_per_s"] == pytest.approx(expected)
 
 
-def test_model_mode_two_steps_writes_the_json(tool, tmp_path):
-    out = tmp_path / "bench.json"
+def test_model_mode_two_steps_writes_the_json(tool, tmp_path, capsys):
+    out = tmp_path / "speed.json"
     argv = ["--device", "cpu", "--threads", "1", "--steps", "2", "--warmup", "1", "--rounds", "1"]
-    argv += ["--json", str(out)]
+    argv += ["--profile", "3", "--json", str(out)]
     report = tool.main([*argv, *SMALL, "MODEL.BN_SPLITS", "2"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     _check_report(report, tool)
     assert report["config"]["mode"] == "model" and report["config"]["bn_splits"] == 2
+    assert report["config"]["profile"] == 3
+    printed = capsys.readouterr().out
+    for name in ("ours", "baseline"):  # 3 profiled steps: more than the 2 synthetic batches
+        profile = report[name]["profile"]
+        assert (profile["timed"], profile["steps"], profile["host_syncs_per_step"]) == ("ops", 3, 0)
+        assert profile["top"][-1]["name"] == "(all others)" and profile["step_ms"] > 0
+        assert math.fsum(row["share"] for row in profile["top"]) == pytest.approx(1.0)
+        assert f"{name} under the profiler: {profile['step_ms']:.1f} ms/step," in printed
+        largest = profile["top"][0]
+        assert (
+            f"{largest['share']:8.1%} {largest['ms_per_step']:9.2f}  {largest['name']}" in printed
+        )
     assert report["ours"]["split_ms"]["shuffle"] > 0  # split BN: the key batch is shuffled
     assert report["ours"]["split_ms"]["data"] < report["ours"]["split_ms"]["step"]
 
@@ -87,8 +103,42 @@ def test_baseline_momentum_update_matches_ours_exactly(tool):
 
 
 def test_invalid_counts_raise(tool):
-    with pytest.raises(ValueError, match=r"need --steps >= 2 \(step ends are timed\)"):
-        tool.main(["--steps", "1"])
+    for argv in (["--steps", "1"], ["--profile", "1"]):
+        with pytest.raises(ValueError, match=r"need --steps >= 2, --profile 0 or >= 2 \(step ends"):
+            tool.main(argv)
+
+
+def test_kernel_shares_of_a_cuda_profile(tool):
+    """Kernels by share of the device time, the rest summed, and the runtime's sync calls."""
+
+    def event(key, device_type, device_us=0.0, count=1):
+        return SimpleNamespace(
+            key=key, device_type=device_type, self_device_time_total=device_us,
+            self_cpu_time_total=1.0, count=count,
+        )  # fmt: skip
+
+    kernels = [event(f"void k{i}<float, 4>(float*)", DeviceType.CUDA, 100.0 + i) for i in range(13)]
+    host = [
+        event("cudaStreamSynchronize", DeviceType.CPU, count=4),
+        event("aten::mm", DeviceType.CPU),
+        event("moco/queue", DeviceType.CUDA, 5000.0),  # a named range around kernels: not one
+    ]
+    shares = tool.kernel_shares(kernels + host, steps=4, step_s=0.002, on_cuda=True)
+    total = sum(100.0 + i for i in range(13))  # microseconds over 4 steps
+    assert shares["timed"] == "kernels" and shares["host_syncs_per_step"] == 1.0
+    assert shares["busy"] == pytest.approx(total / 1e6 / 4 / 0.002)
+    assert [row["name"] for row in shares["top"]] == [
+        *(f"k{i}(float*)" for i in range(12, 0, -1)), "(all others)",
+    ]  # fmt: skip
+    assert shares["top"][0]["share"] == pytest.approx(112.0 / total)
+    assert shares["top"][0]["ms_per_step"] == pytest.approx(0.112 / 4)
+    assert shares["top"][-1]["share"] == pytest.approx(100.0 / total)  # k0
+
+
+def test_kernel_names_lose_templates_and_return_type(tool):
+    name = "void at::native::vectorized_elementwise_kernel<4, at::native::AddFunctor<float>, std::array<char*, 3> >(int, T2, T3)"  # fmt: skip
+    assert tool.short_name(name) == "at::native::vectorized_elementwise_kernel(int, T2, T3)"
+    assert tool.short_name("x" * 100) == "x" * 87 + "..."
 
 
 @pytest.mark.slow  # three variants with loader workers

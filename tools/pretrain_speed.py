@@ -31,14 +31,18 @@ Timing: images/s is the steady state, from the time between consecutive optimize
 events, so no extra host syncs), median over ``--rounds``; the ratio ours/baseline is the median
 of the per-round ratios, each from two runs back to back. A separate instrumented pass (a device
 sync around every part, and torch.profiler for the parts inside MoCo) gives the split in ms per
-step. Peak memory covers building the variant
-and its ``--warmup`` steps. On a shared CPU, ``--threads 1`` gives the steadiest figures.
+step. Peak memory covers building the variant and its ``--warmup`` steps. On a shared CPU,
+``--threads 1`` gives the steadiest figures.
+
+``--profile N`` then runs N more steps of each variant under ``torch.profiler``: the largest
+kernels (CUDA; ops by self time on a CPU) and their share of the total, the fraction of the step
+spent in them, and host syncs per step (CUDA runtime synchronize calls).
 
 Examples (the CPU figures in docs/performance.md)::
 
-    python tools/benchmark_pretrain.py --config-file pretrain/fashion_mnist_demo.yaml \
+    python tools/pretrain_speed.py --config-file pretrain/fashion_mnist_demo.yaml \
         --device cpu --mode pipeline --steps 10 --warmup 2 --rounds 7
-    python tools/benchmark_pretrain.py --device cpu --threads 1 --steps 4 --warmup 2 --rounds 8 \
+    python tools/pretrain_speed.py --device cpu --threads 1 --steps 4 --warmup 2 --rounds 8 \
         --json out.json MODEL.ARCH resnet18 DATA.IMAGE_SIZE 64 SOLVER.BATCH_SIZE 32 MODEL.K 4096
 """
 
@@ -54,7 +58,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -223,13 +227,10 @@ class StepProfiler(Hook):
 
     def run(self, epoch: int) -> dict[str, float]:
         """One instrumented epoch; returns ms per step for every part, ``other`` the remainder."""
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if self.device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.runner.register_hooks(self)
         self._step_end = self.now()
         try:
-            with torch.profiler.profile(activities=activities) as profile:
+            with torch.profiler.profile(activities=profiler_activities(self.device)) as profile:
                 quiet_epoch(self.runner, epoch)
         finally:
             self.runner.hooks.remove(self)
@@ -245,6 +246,70 @@ class StepProfiler(Hook):
         per_step = {k: 1000 * v / max(self.steps, 1) for k, v in self.totals.items()}
         per_step["other"] = per_step["step"] - sum(per_step.get(p, 0.0) for p in PARTS)
         return {p: round(per_step.get(p, 0.0), 3) for p in (*PARTS, "step")}
+
+
+def profiler_activities(device: torch.device) -> list[torch.profiler.ProfilerActivity]:
+    cuda = [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+    return [torch.profiler.ProfilerActivity.CPU, *cuda]
+
+
+SYNC_CALLS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize")
+TOP_KERNELS = 12
+
+
+def profile_steps(runner: Runner, device: torch.device, *, steps: int, epoch: int) -> dict:
+    """``steps`` steps of ``runner`` under ``torch.profiler``, summarised by ``kernel_shares``."""
+    runner.max_iters_per_epoch = steps
+    clock = StepClock(runner.optimizer, device)  # no sync of its own
+    with torch.profiler.profile(activities=profiler_activities(device)) as profile:
+        quiet_epoch(runner, epoch)
+    return kernel_shares(
+        profile.key_averages(), steps=steps, step_s=clock.seconds_per_step(),
+        on_cuda=device.type == "cuda",
+    )  # fmt: skip
+
+
+def kernel_shares(averages, *, steps: int, step_s: float, on_cuda: bool) -> dict[str, Any]:
+    """The largest kernels (CUDA) or ops (CPU, by self time) and their share of the total, the
+    fraction of the step (``step_s``, between step ends) spent in them, and host syncs (CUDA
+    runtime synchronize calls; the engine's log point at the epoch's end is one) per step."""
+    device_type = DeviceType.CUDA if on_cuda else DeviceType.CPU
+    times: Counter[str] = Counter()  # microseconds
+    for event in averages:
+        # MoCo's record_function ranges (moco/queue, ...) hold kernels: counting them counts twice
+        annotation = getattr(event, "is_user_annotation", False) or event.key.startswith("moco/")
+        if event.device_type == device_type and not annotation:
+            times[event.key] += (
+                event.self_device_time_total if on_cuda else event.self_cpu_time_total
+            )
+    total = sum(times.values()) or 1.0
+    syncs = sum(event.count for event in averages if event.key in SYNC_CALLS)
+    largest = times.most_common(TOP_KERNELS)
+    rest = total - sum(t for _, t in largest)
+    top = [
+        {"name": short_name(name), "share": t / total, "ms_per_step": t / 1000 / steps}
+        for name, t in [*largest, ("(all others)", rest)]
+    ]
+    return {
+        "timed": "kernels" if on_cuda else "ops",
+        "steps": steps,
+        "step_ms": 1000 * step_s,
+        "busy": total / 1e6 / steps / step_s,
+        "host_syncs_per_step": syncs / steps,
+        "top": top,
+    }
+
+
+def short_name(kernel: str, limit: int = 90) -> str:
+    """A kernel's name without its template arguments and return type, at most ``limit`` chars."""
+    depth, kept = 0, []
+    for char in kernel:
+        depth += char == "<"
+        if depth == 0:
+            kept.append(char)
+        depth -= char == ">" and depth > 0
+    name = "".join(kept).removeprefix("void ").strip()
+    return name if len(name) <= limit else name[: limit - 3] + "..."
 
 
 def quiet_epoch(runner: Runner, epoch: int) -> None:
@@ -290,6 +355,11 @@ def synthetic_batches(cfg: CfgNode, steps: int, device: torch.device) -> list[An
     return [(views, torch.zeros(n, dtype=torch.long, device=device))] * steps
 
 
+def most_steps(args: argparse.Namespace) -> int:
+    """The most steps of any one epoch: warm-up, a timed round or the profiled steps."""
+    return max(args.warmup, args.steps, args.profile)
+
+
 def one_round_workers(loader: DataLoader, *, dataset=None, sampler=None) -> DataLoader:
     """``loader`` with workers that end with each round (not persistent), optionally over another
     dataset and sampler."""
@@ -315,7 +385,7 @@ def build_pipeline_variants(
     )
     return {
         "end_to_end": {"loader": one_round_workers(loader), "step": step},
-        "model_only": {"loader": synthetic_batches(cfg, args.steps, device)},
+        "model_only": {"loader": synthetic_batches(cfg, most_steps(args), device)},
         "unseeded": {"loader": unseeded, "step": step},
     }
 
@@ -323,7 +393,7 @@ def build_pipeline_variants(
 def build_loaders(cfg: CfgNode, args: argparse.Namespace, device: torch.device):
     """(ours' loader, the baseline's loader, ours' device augmentation or None)."""
     if args.mode == "model":
-        batches = synthetic_batches(cfg, args.steps, device)
+        batches = synthetic_batches(cfg, most_steps(args), device)
         return batches, batches, None
     cpu_cfg, device_cfg = cfg.clone(), cfg.clone()
     cpu_cfg.defrost()
@@ -414,7 +484,7 @@ def build_variants(
     }
 
 
-def benchmark(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
+def measure(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True  # as the official main_moco.py
     torch.manual_seed(cfg.SEED)
@@ -440,6 +510,10 @@ def benchmark(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
         results[name]["step_ms"] = 1000 * seconds
         profiler = StepProfiler(trainer, device)
         results[name]["split_ms"] = profiler.run(args.rounds + 1)
+        if args.profile:
+            results[name]["profile"] = profile_steps(
+                trainer, device, steps=args.profile, epoch=args.rounds + 2
+            )
     ratios = {f"{a}/{b}": speed_ratio(results[a], results[b]) for a, b in RATIOS[args.mode]}
     if args.mode == "pipeline":
         results["seeding"] = seeding_cost(variants, results, args)
@@ -461,6 +535,7 @@ def benchmark(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
             "steps": args.steps,
             "warmup": args.warmup,
             "rounds": args.rounds,
+            "profile": args.profile,
             "num_workers": cfg.DATA.NUM_WORKERS,
             "device_aug": cfg.DATA.DEVICE_AUG,
         },  # fmt: skip
@@ -490,6 +565,17 @@ def format_table(report: dict[str, Any]) -> str:
             f"{pair}: {ratio['images_per_s']:.2f}x images/s (median of rounds: {rounds}), "
             f"{memory} peak memory"
         )
+    for name in names:
+        if profile := report[name].get("profile"):
+            lines.append(
+                f"{name} under the profiler: {profile['step_ms']:.1f} ms/step,"
+                f" {profile['busy']:.0%} in {profile['timed']},"
+                f" {profile['host_syncs_per_step']:g} host syncs/step; share, ms/step:"
+            )
+            lines += [
+                f"{row['share']:8.1%} {row['ms_per_step']:9.2f}  {row['name']}"
+                for row in profile["top"]
+            ]
     if "seeding" in report:
         seeding = report["seeding"]
         lines.append(
@@ -512,6 +598,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=20, help="steps per round (>= 2)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (memory measured)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; median kept")
+    parser.add_argument(
+        "--profile", type=int, default=0, help="then profile this many steps (0: none; >= 2)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--json", default="", help="also write the report here")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
@@ -520,12 +609,15 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = get_parser().parse_args(argv)
-    if args.steps < 2 or min(args.warmup, args.rounds) < 1:
-        raise ValueError("need --steps >= 2 (step ends are timed) and --warmup, --rounds >= 1")
+    if args.steps < 2 or min(args.warmup, args.rounds) < 1 or args.profile == 1:
+        raise ValueError(
+            "need --steps >= 2, --profile 0 or >= 2 (step ends are timed), --warmup and"
+            " --rounds >= 1"
+        )
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = setup_cfg(args.config_file or None, args.opts, pretraining=True)
-    report = benchmark(cfg, args)
+    report = measure(cfg, args)
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:
