@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moco_pretrain.commandline import exit_on_user_error
+from moco_pretrain.cli.common import exit_on_user_error
 from moco_pretrain.config import config_root
 from moco_pretrain.files import atomic_write
 from moco_pretrain.results import RESULTS_FILE, read_results
