@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from moco_pretrain.checkpoint import atomic_save
 from moco_pretrain.config import dataset_options, setup_cfg
 from moco_pretrain.data import build_dataset
+from moco_pretrain.evaluation import knn_accuracy
 from moco_pretrain.files import atomic_write_json
-from moco_pretrain.knn import knn_accuracy
-from moco_pretrain.knn_eval import run_knn
+from moco_pretrain.knn_task import run_knn
 from moco_pretrain.lincls import run_lincls
 from moco_pretrain.machine import describe_machine
 from moco_pretrain.models import build_backbone
