@@ -91,7 +91,7 @@ _C.TRAIN.LOG_PERIOD = 20  # iterations between log lines / TensorBoard points
 
 _C.KNN = CN()
 _C.KNN.MONITOR_PERIOD = 0  # >0: kNN top-1 on DATA.VAL_SPLIT every N epochs, logged
-_C.KNN.FINAL = False  # after training: kNN top-1 and linear probe, learned vs random-init encoder
+_C.KNN.FINAL = False  # after training: kNN top-1 and logistic probe, learned vs random-init encoder
 _C.KNN.NEIGHBORS = 200  # neighbours of the weighted kNN (Wu et al. 2018); not MODEL.K
 _C.KNN.TEMPERATURE = 0.07  # temperature of the neighbour weights; not MODEL.T
 _C.KNN.BANK_SIZE = 0  # >0: use only the first N training images as the feature bank

@@ -18,7 +18,7 @@ from .checkpoint import atomic_save
 from .data import data_record
 from .distributed import get_world_size, init_distributed
 from .engine import logger, setup_logging
-from .lincls import build_eval_loader_of
+from .evaluation import build_eval_loader_of
 from .models import build_backbone
 
 __all__ = ["RANDOM_BN_FILE", "RANDOM_BN_METHOD", "calibrate_bn", "run_random_bn"]

@@ -31,34 +31,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-import yaml
 from fvcore.common.config import CfgNode
 from torch import nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import atomic_save, load_checkpoint, with_ddp_prefix
-from .config import PRETRAINING_ONLY, dataset_options, eval_transform_options
-from .data import (
-    build_dataset,
-    build_eval_loader,
-    build_train_loader,
-    eval_transform,
-    limit_samples,
-    linear_train_transform,
-    num_classes_of,
-)
-from .distributed import (
-    get_world_size,
-    is_main_process,
-    per_process_batch_size,
-)
+from .config import PRETRAINING_ONLY
+from .data import num_classes_of
+from .distributed import get_world_size, is_main_process, per_process_batch_size
 from .engine import Hook, Runner, Task, logger, start_run, unwrap
-from .knn import extract_features, topk_accuracy
-from .models import build_backbone, build_resnet
-from .results import write_results
+from .evaluation import (
+    build_classifier_train_loader,
+    build_eval_loader_of,
+    classification_step,
+    evaluate_classifier,
+    load_backbone_into,
+    load_pretrained,
+    write_task_results,
+)
+from .models import build_resnet
 from .schedules import scaled_lr
-from .weights import BackboneWeights, load_backbone_state_dict
+from .weights import BackboneWeights
 
 INIT_STD = 0.01  # std of the new linear layer's weights (official protocol)
 BEST_CHECKPOINT = "model_best.pth.tar"
@@ -68,59 +61,13 @@ class FrozenBackboneError(RuntimeError):
     """A backbone tensor (parameter or BN buffer) changed during linear classification."""
 
 
-# ------------------------------------------------------------------ frozen pretrained backbone
-def load_pretrained(
-    cfg: CfgNode, path: str | Path, *, prefix: str | None = None
-) -> BackboneWeights:
-    """The backbone of checkpoint ``path`` (any layout :mod:`moco_pretrain.weights` reads).
-
-    Raises:
-        ValueError: the checkpoint records an ``arch`` other than ``cfg.MODEL.ARCH``.
-    """
-    weights = load_backbone_state_dict(path, prefix=prefix)
-    recorded = weights.meta.get("arch")
-    if recorded and recorded != cfg.MODEL.ARCH:
-        raise ValueError(
-            f"{path} holds a {recorded} backbone but MODEL.ARCH is {cfg.MODEL.ARCH}:"
-            f" set MODEL.ARCH {recorded}"
-        )
-    logger.info(
-        "pretrained backbone: %s (layout %s, sha256 %s, %d tensors)",
-        path, weights.layout, weights.meta["sha256"][:12], len(weights.state_dict),
-    )  # fmt: skip
-    return weights
-
-
-def _load_into(model: nn.Module, weights: BackboneWeights, *, head: set[str]) -> None:
-    """Load the backbone strictly: only the ``head`` keys may be missing, nothing unexpected."""
-    try:
-        result = model.load_state_dict(weights.state_dict, strict=False)
-    except RuntimeError as err:  # shape mismatch, e.g. SMALL_STEM or ARCH differ
-        raise ValueError(
-            f"{weights.meta['path']} does not fit the configured backbone (check MODEL.ARCH and"
-            f" MODEL.SMALL_STEM): {err}"
-        ) from None
-    if set(result.missing_keys) != head or result.unexpected_keys:
-        raise ValueError(
-            f"{weights.meta['path']}: backbone keys do not match the model: missing"
-            f" {sorted(set(result.missing_keys) - head)[:10]}, unexpected"
-            f" {sorted(result.unexpected_keys)[:10]}"
-        )
-
-
-def build_frozen_backbone(cfg: CfgNode, weights: BackboneWeights) -> nn.Module:
-    """The pretrained ResNet returning pooled features ``[B, D]``, frozen, in eval mode."""
-    model = build_backbone(cfg.MODEL.ARCH, small_stem=cfg.MODEL.SMALL_STEM)
-    _load_into(model, weights, head=set())
-    return model.requires_grad_(False).eval()
-
-
+# ------------------------------------------------------------------ the classifier
 def build_linear_classifier(
     cfg: CfgNode, weights: BackboneWeights, *, num_classes: int
 ) -> nn.Module:
     """A torchvision ResNet: pretrained frozen backbone, new ``fc`` ~ N(0, 0.01), zero bias."""
     model = build_resnet(cfg.MODEL.ARCH, num_classes=num_classes, small_stem=cfg.MODEL.SMALL_STEM)
-    _load_into(model, weights, head={"fc.weight", "fc.bias"})
+    load_backbone_into(model, weights, head={"fc.weight", "fc.bias"})
     for name, param in model.named_parameters():
         param.requires_grad = name in ("fc.weight", "fc.bias")
     nn.init.normal_(model.fc.weight, mean=0.0, std=INIT_STD)
@@ -148,70 +95,6 @@ def check_backbone_unchanged(model: nn.Module, reference: dict[str, torch.Tensor
     logger.info("sanity check passed: all %d backbone tensors unchanged", len(state))
 
 
-# ------------------------------------------------------------------ data, step, evaluation
-def build_lincls_train_loader(cfg: CfgNode) -> DataLoader:
-    """``DATA.TRAIN_SPLIT`` with RandomResizedCrop + flip, shuffled per epoch."""
-    transform = linear_train_transform(**eval_transform_options(cfg))
-    dataset = build_dataset(**dataset_options(cfg), split=cfg.DATA.TRAIN_SPLIT, transform=transform)
-    return build_train_loader(
-        limit_samples(dataset, cfg.DATA.MAX_SAMPLES),
-        batch_size=per_process_batch_size(cfg.SOLVER.BATCH_SIZE),
-        seed=cfg.SEED,
-        num_workers=cfg.DATA.NUM_WORKERS,
-        drop_last=False,
-    )
-
-
-def build_eval_loader_of(
-    cfg: CfgNode, *, split: str, batch_size: int, max_samples: int = 0
-) -> DataLoader:
-    """Un-augmented batches of ``split`` (its first ``max_samples`` images when > 0)."""
-    transform = eval_transform(**eval_transform_options(cfg))
-    dataset = build_dataset(**dataset_options(cfg), split=split, transform=transform)
-    return build_eval_loader(
-        limit_samples(dataset, max_samples), batch_size=batch_size,
-        num_workers=cfg.DATA.NUM_WORKERS,
-    )  # fmt: skip
-
-
-def linear_step(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Cross-entropy of the linear classifier and the batch's top-1 (%)."""
-    images, target = batch  # images: Bx3xHxW, target: B
-    logits = model(images)  # logits: BxC
-    loss = F.cross_entropy(logits, target)
-    return loss, {"acc1": (logits.argmax(dim=1) == target).float().mean() * 100}
-
-
-def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device) -> dict[str, float]:
-    """Top-1/top-5 (%) over ``loader``'s dataset, each image once (logits gathered under DDP)."""
-    logits, labels = extract_features(unwrap(model), loader, device=device, normalize=False)
-    return topk_accuracy(logits, labels, topk=(1, 5))  # logits: NxC, labels: N
-
-
-def write_task_results(
-    cfg: CfgNode,
-    *,
-    task: str,
-    metrics: dict[str, float],
-    weights: BackboneWeights | None = None,
-    output_dir: str | Path | None = None,
-    **extra: Any,
-) -> Path:
-    """``results.json`` (:mod:`moco_pretrain.results`) of a classification or kNN task, with the
-    provenance of the pretrained ``weights``, in ``output_dir`` (default ``OUTPUT_DIR``)."""
-    provenance = None
-    if weights is not None:
-        provenance = {
-            "checkpoint": str(Path(weights.meta["path"]).resolve()),
-            "checkpoint_sha256": weights.meta["sha256"],
-            "layout": weights.layout,
-        }
-    return write_results(
-        output_dir or cfg.OUTPUT_DIR, task=task, metrics=metrics,
-        config=yaml.safe_load(cfg.dump()), weights=provenance, **extra,
-    )  # fmt: skip
-
-
 # ------------------------------------------------------------------ the task
 class Validation(Hook):
     """Top-1/top-5 on the validation split after every epoch (``val_top1``, ``val_top5``); keeps
@@ -233,7 +116,9 @@ class Validation(Hook):
         self.last: dict[str, float] | None = None  # the newest validation of this process
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.model, self.loader, device=next(self.model.parameters()).device)
+        return evaluate_classifier(
+            self.model, self.loader, device=next(self.model.parameters()).device
+        )
 
     def after_resume(self, runner: Runner) -> None:
         if self.best_path.is_file():
@@ -273,7 +158,7 @@ def lincls_task(
     """A linear classifier on the frozen backbone of ``weights``, SGD on ``fc`` only, the whole
     model in eval mode, and its :class:`Validation` hook."""
     reference = {k: v.clone() for k, v in weights.state_dict.items()}  # for the sanity check
-    loader = build_lincls_train_loader(cfg)
+    loader = build_classifier_train_loader(cfg)
     val_loader = build_eval_loader_of(
         cfg, split=cfg.DATA.VAL_SPLIT, batch_size=per_process_batch_size(cfg.SOLVER.BATCH_SIZE)
     )
@@ -299,7 +184,7 @@ def lincls_task(
     )  # fmt: skip
     # train_mode False: the whole model, BN included, stays in eval mode
     return Task(
-        model, optimizer, loader, linear_step, hooks=[validation], train_mode=False,
+        model, optimizer, loader, classification_step, hooks=[validation], train_mode=False,
         unread_config_keys=PRETRAINING_ONLY,
     )  # fmt: skip
 

@@ -29,9 +29,9 @@ from .distributed import (
     per_process_batch_size,
 )
 from .engine import Hook, Runner, Task, logger, start_run
+from .evaluation import backbone_of, knn_metrics_of
 from .files import atomic_write_json
 from .gpu_augment import DecodeResize, GpuMocoAugment, default_pre_size, device_augment_step
-from .knn_eval import knn_metrics_of
 from .models import build_backbone, build_resnet
 from .schedules import scaled_lr
 
@@ -114,15 +114,7 @@ def build_step(cfg: CfgNode, device: torch.device) -> Callable:
     return contrastive_step
 
 
-def backbone_of(model: MoCo, cfg: CfgNode) -> nn.Module:
-    """The query encoder without its projection head (pooled features), for kNN evaluation."""
-    backbone = build_backbone(cfg.MODEL.ARCH, small_stem=cfg.MODEL.SMALL_STEM)
-    state = {k: v for k, v in model.encoder_q.state_dict().items() if not k.startswith("fc.")}
-    backbone.load_state_dict(state)
-    return backbone.to(model.queue.device)
-
-
-FEATURE_METRICS = {"knn_top1": "kNN top-1", "linear_top1": "linear probe top-1"}
+FEATURE_METRICS = {"knn_top1": "kNN top-1", "linear_top1": "logistic probe top-1"}
 
 
 def feature_comparison(summary: dict[str, Any]) -> list[str]:
@@ -161,7 +153,7 @@ def pretraining_task(cfg: CfgNode, device: torch.device) -> Task:
         optimizer.defaults["lr"], cfg.SOLVER.BASE_LR, cfg.SOLVER.BATCH_SIZE, len(loader),
     )  # fmt: skip
     monitor = KnnMonitor(
-        lambda: knn_metrics_of(backbone_of(model, cfg), cfg, device)[0]["top1"],
+        lambda: knn_metrics_of(backbone_of(model.encoder_q, cfg), cfg, device)[0]["top1"],
         period=cfg.KNN.MONITOR_PERIOD,
         epochs=cfg.SOLVER.EPOCHS,
     )
@@ -191,7 +183,8 @@ def run_pretraining(cfg: CfgNode, *, resume: str | None = None) -> dict[str, Any
     if cfg.KNN.FINAL:  # the learned and a random-init encoder, on the same features
         torch.manual_seed(cfg.SEED)
         random_init = build_backbone(cfg.MODEL.ARCH, small_stem=cfg.MODEL.SMALL_STEM).to(device)
-        for suffix, encoder in (("", backbone_of(task.model, cfg)), ("_random_init", random_init)):
+        learned = backbone_of(task.model.encoder_q, cfg)
+        for suffix, encoder in (("", learned), ("_random_init", random_init)):
             metrics = knn_metrics_of(encoder, cfg, device, probe=True)[0]
             summary[f"knn_top1{suffix}"] = metrics["top1"]
             summary[f"linear_top1{suffix}"] = metrics["linear_top1"]

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .commandline import exit_on_user_error
+from .cli.common import exit_on_user_error
 from .comparison import (
     LIKELY_CAUSES,
     RESAMPLES,

@@ -1,9 +1,10 @@
 """Supervised pretraining: the same ResNet trained from random init with labels.
 
-Same data, transforms and engine as linear classification (:mod:`moco_pretrain.lincls`), but every
-layer trains (BN in training mode) and there is no pretrained checkpoint. Reports the classifier's
-top-1/top-5 and the weighted-kNN top-1 of its pooled features (``KNN.*``), so that it sits in the
-same table as the self-supervised encoders.
+Same data, transforms, loss and engine as linear classification (:mod:`moco_pretrain.lincls`; both
+take them from :mod:`moco_pretrain.evaluation`), but every layer trains (BN in training mode) and
+there is no pretrained checkpoint. Reports the classifier's top-1/top-5 and the weighted-kNN top-1
+of its pooled features (``KNN.*``), so that it sits in the same table as the self-supervised
+encoders.
 """
 
 from __future__ import annotations
@@ -12,37 +13,29 @@ from typing import Any
 
 import torch
 from fvcore.common.config import CfgNode
-from torch import nn
 
 from .config import PRETRAINING_ONLY
 from .data import num_classes_of
 from .distributed import get_world_size, is_main_process, per_process_batch_size
-from .engine import Runner, Task, logger, start_run, unwrap
-from .knn_eval import knn_metrics_of
-from .lincls import (
+from .engine import Runner, Task, logger, start_run
+from .evaluation import (
+    backbone_of,
+    build_classifier_train_loader,
     build_eval_loader_of,
-    build_lincls_train_loader,
-    evaluate,
-    linear_step,
+    classification_step,
+    evaluate_classifier,
+    knn_metrics_of,
     write_task_results,
 )
-from .models import build_backbone, build_resnet
+from .models import build_resnet
 from .schedules import scaled_lr
 
-__all__ = ["backbone_of_classifier", "run_supervised"]
-
-
-def backbone_of_classifier(model: nn.Module, cfg: CfgNode) -> nn.Module:
-    """A copy of ``model`` without its ``fc`` (pooled features), in eval mode."""
-    backbone = build_backbone(cfg.MODEL.ARCH, small_stem=cfg.MODEL.SMALL_STEM)
-    state = {k: v for k, v in unwrap(model).state_dict().items() if not k.startswith("fc.")}
-    backbone.load_state_dict(state)
-    return backbone.to(next(model.parameters()).device).eval()
+__all__ = ["run_supervised"]
 
 
 def supervised_task(cfg: CfgNode, device: torch.device) -> Task:
     """``MODEL.ARCH`` with a new classifier, every layer trained with labels, SGD."""
-    loader = build_lincls_train_loader(cfg)
+    loader = build_classifier_train_loader(cfg)
     model = build_resnet(
         cfg.MODEL.ARCH, num_classes=num_classes_of(loader.dataset), small_stem=cfg.MODEL.SMALL_STEM
     ).to(device)
@@ -54,7 +47,7 @@ def supervised_task(cfg: CfgNode, device: torch.device) -> Task:
         "supervised %s: %d processes x %d images = batch %d, lr %.4g",
         cfg.MODEL.ARCH, get_world_size(), loader.batch_size, cfg.SOLVER.BATCH_SIZE, lr,
     )  # fmt: skip
-    return Task(model, optimizer, loader, linear_step, unread_config_keys=PRETRAINING_ONLY)
+    return Task(model, optimizer, loader, classification_step, unread_config_keys=PRETRAINING_ONLY)
 
 
 def run_supervised(cfg: CfgNode) -> dict[str, Any]:
@@ -71,8 +64,8 @@ def run_supervised(cfg: CfgNode) -> dict[str, Any]:
     val_loader = build_eval_loader_of(
         cfg, split=cfg.DATA.VAL_SPLIT, batch_size=per_process_batch_size(cfg.SOLVER.BATCH_SIZE)
     )
-    metrics = evaluate(task.model, val_loader, device=device)
-    knn, bank_size = knn_metrics_of(backbone_of_classifier(task.model, cfg), cfg, device)
+    metrics = evaluate_classifier(task.model, val_loader, device=device)
+    knn, bank_size = knn_metrics_of(backbone_of(task.model, cfg), cfg, device)
     metrics["knn_top1"] = knn["top1"]
     logger.info("supervised: top-1 %.2f %%, kNN top-1 %.2f %%", metrics["top1"], knn["top1"])
     extra = {

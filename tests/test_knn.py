@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-from moco_pretrain.knn import (
+from moco_pretrain.evaluation import (
     extract_features,
     knn_accuracy,
     knn_scores,

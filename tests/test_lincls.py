@@ -15,13 +15,11 @@ from moco_pretrain.builder import MoCo
 from moco_pretrain.checkpoint import load_checkpoint, with_ddp_prefix
 from moco_pretrain.cli.lincls import main
 from moco_pretrain.config import config_root, setup_cfg
+from moco_pretrain.evaluation import build_frozen_backbone, classification_step, load_pretrained
 from moco_pretrain.lincls import (
     FrozenBackboneError,
-    build_frozen_backbone,
     build_linear_classifier,
     check_backbone_unchanged,
-    linear_step,
-    load_pretrained,
     run_lincls,
 )
 from moco_pretrain.models import build_resnet
@@ -149,7 +147,7 @@ def _trained_classifier(tmp_path, *, train_mode: bool) -> tuple[torch.nn.Module,
     model.train(train_mode)
     for _ in range(2):
         batch = (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))
-        loss, _ = linear_step(model, batch)
+        loss, _ = classification_step(model, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -283,7 +281,7 @@ def test_lincls_is_a_function_of_its_seed(tmp_path, monkeypatch):
         return load_checkpoint(tmp_path / name / "checkpoint_0001.pth.tar")["state_dict"]
 
     uninterrupted = run("a", "2")
-    original, calls = lincls.linear_step, []
+    original, calls = lincls.classification_step, []
 
     def killed_in_epoch_2(*args):
         calls.append(1)
@@ -291,7 +289,7 @@ def test_lincls_is_a_function_of_its_seed(tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return original(*args)
 
-    monkeypatch.setattr(lincls, "linear_step", killed_in_epoch_2)
+    monkeypatch.setattr(lincls, "classification_step", killed_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         run("b", "2")
     monkeypatch.undo()

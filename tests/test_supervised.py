@@ -7,9 +7,10 @@ import json
 import torch
 
 from moco_pretrain.config import setup_cfg
+from moco_pretrain.evaluation import backbone_of
 from moco_pretrain.models import build_resnet
 from moco_pretrain.results import RESULTS_FILE
-from moco_pretrain.supervised import backbone_of_classifier, run_supervised
+from moco_pretrain.supervised import run_supervised
 
 
 def supervised_cfg(root, output, *opts):
@@ -44,10 +45,10 @@ def test_supervised_trains_every_layer_and_reports(tiny_imagefolder, tmp_path):
         assert not torch.equal(second[key], third[key]), key
 
 
-def test_backbone_of_classifier_drops_only_the_head():
+def test_backbone_of_drops_only_the_head():
     cfg = setup_cfg("pretrain/moco_v2_cpu_trial.yaml", [])
     classifier = build_resnet(cfg.MODEL.ARCH, num_classes=3).eval()
-    backbone = backbone_of_classifier(classifier, cfg)
+    backbone = backbone_of(classifier, cfg)
     images = torch.randn(2, 3, 32, 32)
     features = backbone(images)  # 2 x 512
     assert torch.allclose(classifier.fc(features), classifier(images), atol=1e-5)

@@ -18,9 +18,9 @@ from moco_pretrain.checkpoint import (
 )
 from moco_pretrain.config import config_root, setup_cfg
 from moco_pretrain.engine import NonFiniteLossError, Runner
-from moco_pretrain.knn_eval import knn_metrics_of
+from moco_pretrain.evaluation import backbone_of, knn_metrics_of
 from moco_pretrain.models import build_backbone
-from moco_pretrain.pretrain import backbone_of, build_moco, run_pretraining
+from moco_pretrain.pretrain import build_moco, run_pretraining
 
 from .conftest import write_image_folder
 
@@ -367,7 +367,7 @@ def test_knn_monitor_and_tensorboard(tiny_imagefolder, tmp_path):
     model = build_moco(cfg)
     model.load_state_dict(without_ddp_prefix(load_checkpoint(summary["checkpoint"])["state_dict"]))
     cpu = torch.device("cpu")
-    metrics, _ = knn_metrics_of(backbone_of(model, cfg), cfg, cpu, probe=True)
+    metrics, _ = knn_metrics_of(backbone_of(model.encoder_q, cfg), cfg, cpu, probe=True)
     assert metrics["top1"] == summary["knn_top1"]
     assert metrics["linear_top1"] == summary["linear_top1"]
     torch.manual_seed(cfg.SEED)  # the random-init encoder of the comparison, rebuilt

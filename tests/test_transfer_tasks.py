@@ -22,10 +22,10 @@ from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from fvcore.nn.precise_bn import get_bn_modules  # noqa: E402
 from torch import nn  # noqa: E402
 
+from moco_pretrain.comparison import find_expected, load_expected  # noqa: E402
 from moco_pretrain.config import config_root, flatten_config  # noqa: E402
 from tests.test_detectron2_train import write_coco  # noqa: E402
 from transfer import add_moco_config  # noqa: E402
-from moco_pretrain.comparison import find_expected, load_expected  # noqa: E402
 from transfer.train_net import Trainer, main  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from moco_pretrain.checkpoint import atomic_save
 from moco_pretrain.config import dataset_options, setup_cfg
 from moco_pretrain.data import build_dataset
+from moco_pretrain.evaluation import knn_accuracy
 from moco_pretrain.files import atomic_write_json
-from moco_pretrain.knn import knn_accuracy
-from moco_pretrain.knn_eval import run_knn
+from moco_pretrain.knn_task import run_knn
 from moco_pretrain.lincls import run_lincls
 from moco_pretrain.models import build_backbone
 from moco_pretrain.results import RESULTS_FILE, read_results
@@ -99,7 +99,7 @@ def raw_pixel_knn(recipe: str, work: Path, opts: list[str]) -> float:
     return done["metrics"]["top1"]
 
 
-def linear_probe(pipeline: Pipeline, checkpoint: str, out: Path, opts: list[str]) -> dict:
+def linear_classification(pipeline: Pipeline, checkpoint: str, out: Path, opts: list[str]) -> dict:
     return pipeline.evaluate(run_lincls, LINCLS_RECIPE, out, opts, pretrained=checkpoint,
                              step=f"lincls/{out.parent.name}")["metrics"]  # fmt: skip
 
@@ -116,7 +116,7 @@ def random_encoder(pipeline: Pipeline, recipe: str, opts: list[str]) -> dict[str
                             step="knn/random_init")  # fmt: skip
     return {
         "knn_top1": knn["metrics"]["top1"],
-        "linear_top1": linear_probe(pipeline, str(weights), out / "lincls", opts)["top1"],
+        "linear_top1": linear_classification(pipeline, str(weights), out / "lincls", opts)["top1"],
     }
 
 
@@ -144,7 +144,7 @@ def run_study(budget: str, work: Path, opts: list[str] = ()) -> dict[str, Any]:
     results["raw_pixels_knn_top1"] = raw_pixel_knn(recipe, work, opts)
     results["random_init"] = random_encoder(pipeline, recipe, opts)
     main = pipeline.pretrain(recipe, "moco_v2_main", [*KNN, *opts])
-    lincls = linear_probe(pipeline, main["checkpoint"], work / "moco_v2_main" / "lincls", opts)
+    lincls = linear_classification(pipeline, main["checkpoint"], work / "moco_v2_main" / "lincls", opts)
     results["moco"] = {
         "knn_top1": main["knn"][-1]["knn_top1"],
         "linear_top1": lincls["top1"],

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from moco_pretrain.checkpoint import Checkpointer
-from moco_pretrain.commandline import exit_on_user_error
+from moco_pretrain.cli.common import exit_on_user_error
 from moco_pretrain.config import resolve_config_file
 from moco_pretrain.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
 from moco_pretrain.files import atomic_write, atomic_write_json

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torchvision
 
-from moco_pretrain.commandline import exit_on_user_error
+from moco_pretrain.cli.common import exit_on_user_error
 from moco_pretrain.files import atomic_write
 from moco_pretrain.weights import BackboneWeights, load_backbone_state_dict
 

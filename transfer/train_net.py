@@ -64,7 +64,7 @@ from detectron2.utils.logger import setup_logger
 from fvcore.nn.precise_bn import get_bn_modules
 from torch import nn
 
-from moco_pretrain.commandline import exit_on_user_error
+from moco_pretrain.cli.common import exit_on_user_error
 from moco_pretrain.config import config_root, resolve_config_file
 from moco_pretrain.files import file_sha256
 from moco_pretrain.results import RESULTS_FILE, write_results

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-from moco_pretrain.commandline import add_pretrained_arguments, config_parser, exit_on_user_error
+from moco_pretrain.cli.common import add_pretrained_arguments, config_parser, exit_on_user_error
 from moco_pretrain.config import setup_cfg
 from moco_pretrain.distributed import is_main_process
-from moco_pretrain.knn_eval import run_knn
+from moco_pretrain.knn_task import run_knn
 
 DEMO_RECIPE = "lincls/fashion_mnist_demo.yaml"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from moco_pretrain.commandline import add_pretrained_arguments, config_parser, exit_on_user_error
+from moco_pretrain.cli.common import add_pretrained_arguments, config_parser, exit_on_user_error
 from moco_pretrain.config import setup_cfg
 from moco_pretrain.distributed import is_main_process
 from moco_pretrain.lincls import run_lincls

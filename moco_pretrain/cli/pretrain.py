@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from moco_pretrain.commandline import config_parser, exit_on_user_error
+from moco_pretrain.cli.common import config_parser, exit_on_user_error
 from moco_pretrain.config import setup_cfg
 from moco_pretrain.distributed import is_main_process
 from moco_pretrain.pretrain import feature_comparison, run_pretraining

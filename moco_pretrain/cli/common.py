@@ -1,4 +1,5 @@
-"""Argument parsing and error reporting shared by every command line, with no torch import."""
+"""Argument parsing and error reporting shared by every command line (``transfer/``'s and the
+tools' too), with no torch import."""
 
 from __future__ import annotations
 
