@@ -1,18 +1,19 @@
 """The one run loop of every task: pretraining, linear classification, supervised training.
 
 A task supplies a :class:`Task` (its model, optimizer, training batches, step and hooks); the
-:class:`Runner` owns everything else: DDP wrapping, lr per epoch, autocast, backward and optimizer
-step, progress bar, TensorBoard, the non-finite-loss guard, atomic checkpoints and exact resume.
-Hooks *return* metrics (a kNN monitor, a validation); the runner records them in the epoch's
-history, which is saved with the epoch's checkpoint. Modelled on detectron2's ``TrainerBase`` and
-``HookBase``, with epochs instead of iterations, as the official MoCo scripts count.
+:class:`Runner` owns the loop: DDP wrapping, autocast, backward and optimizer step, the history of
+epochs and log points, checkpoint state and exact resume. The lr schedule, the non-finite-loss
+guard, the progress bar, TensorBoard and the periodic checkpoints are its default hooks
+(:mod:`moco_pretrain.hooks`); a task's hooks run between them and *return* metrics (a kNN monitor,
+a validation), which the runner records in the epoch's history, saved with its checkpoint.
+Modelled on detectron2's ``TrainerBase`` and ``HookBase``, with epochs instead of iterations, as
+the official MoCo scripts count.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -23,7 +24,6 @@ from typing import Any
 import torch
 from fvcore.common.config import CfgNode
 from torch import nn
-from tqdm import tqdm
 
 from .checkpoint import (
     Checkpointer,
@@ -43,6 +43,16 @@ from .distributed import (
     seed_all,
 )
 from .files import atomic_write
+from .hooks import (
+    WRITERS,
+    Hook,
+    LRScheduler,
+    NonFiniteGuard,
+    PeriodicCheckpointer,
+    Progress,
+    TensorBoardWriter,
+)
+from .hooks import NonFiniteLossError as NonFiniteLossError  # re-exported: the loop's error
 from .schedules import lr_at_epoch, scaled_lr
 
 logger = logging.getLogger("moco_pretrain")
@@ -90,39 +100,18 @@ def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
     )
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the last checkpoint on disk is untouched."""
-
-
-class Hook:
-    """Something a task adds to the loop. Every method is optional; none edits the runner."""
-
-    def after_resume(self, runner: Runner) -> None:
-        """After a checkpoint was loaded into the model (e.g. check what must not have moved)."""
-
-    def before_step(self, runner: Runner) -> None:
-        """Before each training step; the batch is already on the device."""
-
-    def after_epoch(self, runner: Runner, epoch: int) -> dict[str, float]:
-        """After epoch ``epoch`` (0-based) trained, before its checkpoint is written.
-
-        Returns metrics for the epoch's history entry: logged, written to TensorBoard as
-        ``epoch/<name>`` and saved with the epoch's checkpoint.
-        """
-        return {}
-
-
 @dataclass
 class Task:
     """What a task supplies to the :class:`Runner`.
 
     Args:
         model: the model to train and checkpoint (not DDP-wrapped: the runner does that).
-        optimizer: its optimizer; the runner sets every param group's lr each epoch.
+        optimizer: its optimizer; the runner's :class:`LRScheduler` sets its lr each epoch.
         loader: training batches; its sampler's ``set_epoch`` is called if it has one.
         step: ``step(model, batch) -> (scalar loss, {name: scalar tensor})``, the batch on the
             device, ``model`` the DDP-wrapped model under several processes.
-        hooks: see :class:`Hook`.
+        hooks: see :class:`Hook`; they run after the runner's lr, guard and progress hooks and
+            before its writers, in this order.
         train_mode: False keeps the whole model in eval mode while it trains (linear
             classification: the frozen backbone's BN statistics must not move).
         unread_config_keys: config keys the task never reads; auto-resume lets them differ.
@@ -140,6 +129,10 @@ class Task:
 class Runner:
     """Runs epochs ``start_epoch .. epochs-1`` of ``task``; see the module docstring.
 
+    Its hooks, in order: :class:`LRScheduler`, :class:`NonFiniteGuard`, :class:`Progress`, the
+    task's, those of :meth:`register_hooks`, :class:`TensorBoardWriter` and
+    :class:`PeriodicCheckpointer` (see :mod:`moco_pretrain.hooks`).
+
     Args:
         task: what to train.
         device: the device batches are moved to.
@@ -149,7 +142,7 @@ class Runner:
         checkpoint_meta: constant checkpoint entries (``arch``, the resolved ``config``).
         amp_dtype: autocast dtype on CUDA (None: fp32). fp16 uses a gradient scaler.
         channels_last: move 4-D inputs to channels-last memory format.
-        log_period: iterations between progress updates and TensorBoard points.
+        log_period: iterations between log points (progress, ``log_points``, TensorBoard).
         checkpoint_period: epochs between checkpoints (the last epoch is always saved).
         max_iters_per_epoch: >0 cuts epochs short.
         tensorboard_dir: where rank 0 writes TensorBoard events (None: none).
@@ -172,19 +165,16 @@ class Runner:
         tensorboard_dir: str | Path | None = None,
     ) -> None:
         self.task = task
-        self.hooks = list(task.hooks)
         self.model = task.model
         self.train_model = wrap_distributed(task.model, device)
         self.optimizer = task.optimizer
         self.device = device
         self.epochs = epochs
-        self.lr_at_epoch = lr_at_epoch
         self.checkpointer = checkpointer
         self.checkpoint_meta = checkpoint_meta or {}
         self.amp_dtype = amp_dtype if device.type == "cuda" else None
         self.channels_last = channels_last
         self.log_period = max(1, log_period)
-        self.checkpoint_period = max(1, checkpoint_period)
         self.max_iters_per_epoch = max_iters_per_epoch
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.start_epoch = 0
@@ -193,8 +183,16 @@ class Runner:
         # per log point: the window's mean metrics. Both are saved in checkpoints.
         self.history: list[dict[str, float]] = []
         self.log_points: list[dict[str, float]] = []
-        self.tensorboard_dir = tensorboard_dir
-        self.writer = None  # opened by train() on rank 0
+        # the loop's position, for hooks (see Hook)
+        self.epoch = self.iter = self.num_iters = 0
+        self.lr = 0.0
+        self.window: dict[str, float] | None = None
+        self.window_images_per_s = 0.0
+        self.hooks: list[Hook] = [
+            LRScheduler(lr_at_epoch), NonFiniteGuard(), Progress(),
+            TensorBoardWriter(tensorboard_dir), PeriodicCheckpointer(checkpoint_period),
+        ]  # fmt: skip
+        self.register_hooks(*task.hooks)
 
     @classmethod
     def from_config(cls, cfg: CfgNode, task: Task, *, device: torch.device) -> Runner:
@@ -227,8 +225,10 @@ class Runner:
         )
 
     def register_hooks(self, *hooks: Hook) -> None:
-        """Add hooks after the task's own (e.g. a profiler); they run in this order."""
-        self.hooks.extend(hooks)
+        """Add hooks after those added before (the task's own first; e.g. a profiler) and before
+        the writers (:data:`WRITERS`), which thus write and save their metrics too."""
+        at = next((i for i, h in enumerate(self.hooks) if isinstance(h, WRITERS)), len(self.hooks))
+        self.hooks[at:at] = hooks
 
     # ----------------------------------------------------------------- checkpoints
     def state(self, epoch: int) -> dict[str, Any]:
@@ -303,63 +303,42 @@ class Runner:
 
     # ----------------------------------------------------------------- training
     def train(self) -> None:
-        """Train the remaining epochs; after each, its hooks and (periodically) a checkpoint."""
-        if self.tensorboard_dir and is_main_process():
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.tensorboard_dir))
-        for epoch in range(self.start_epoch, self.epochs):
-            self.train_one_epoch(epoch)
+        """Train the remaining epochs between the hooks' ``before_train`` and ``after_train``
+        (which also runs when a step or a hook raised; the exception then propagates)."""
+        try:
             for hook in self.hooks:
-                self.record(epoch, hook.after_epoch(self, epoch))
-            if (epoch + 1) % self.checkpoint_period == 0 or epoch + 1 == self.epochs:
-                state = self.state(epoch)  # every rank takes part (RNG gather)
-                if is_main_process():
-                    logger.info("saved %s", self.checkpointer.save(state, epoch=epoch))
-                self.last_saved = self.checkpointer.path_for(epoch)  # on every rank
-        if self.writer:
-            self.writer.close()
-            self.writer = None
+                hook.before_train(self)
+            for epoch in range(self.start_epoch, self.epochs):
+                self.train_one_epoch(epoch)
+                for hook in self.hooks:
+                    self.record(epoch, hook.after_epoch(self, epoch))
+        finally:
+            for hook in self.hooks:
+                hook.after_train(self)
 
     def record(self, epoch: int, metrics: dict[str, float]) -> None:
-        """Add ``metrics`` to epoch ``epoch``'s history entry, the log and TensorBoard."""
-        if not metrics:
-            return
-        self.history[-1].update(metrics)
-        logger.info(
-            "epoch %d: %s", epoch + 1, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        )
-        if self.writer:
-            for name, value in metrics.items():
-                self.writer.add_scalar(f"epoch/{name}", value, epoch + 1)
-
-    def _set_lr(self, epoch: int) -> float:
-        lr = self.lr_at_epoch(epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+        """Add a hook's ``metrics`` to epoch ``epoch``'s history entry and log them."""
+        if metrics:
+            self.history[-1].update(metrics)
+            logger.info("epoch %d: %s", epoch + 1, _format(metrics))
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
-        """One epoch of steps; returns (and appends to ``history``) its mean metrics."""
+        """The hooks' ``before_epoch``, then one epoch of steps, each between the hooks'
+        ``before_step`` and ``after_step``; returns (and appends to ``history``) its means."""
         self.train_model.train(self.task.train_mode)
         sampler = getattr(self.task.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-        lr = self._set_lr(epoch)
-        num_iters = len(self.task.loader)
+        self.epoch, self.num_iters = epoch, len(self.task.loader)
         if self.max_iters_per_epoch > 0:
-            num_iters = min(num_iters, self.max_iters_per_epoch)
-        bar = tqdm(
-            total=num_iters,
-            desc=f"epoch {epoch + 1}/{self.epochs}",
-            disable=not is_main_process(),
-            dynamic_ncols=True,
-            mininterval=0.5 if sys.stdout.isatty() else 30.0,
-            file=sys.stdout,
-        )
+            self.num_iters = min(self.num_iters, self.max_iters_per_epoch)
+        for hook in self.hooks:
+            hook.before_epoch(self, epoch)
+        self.lr = self.optimizer.param_groups[0]["lr"]
         epoch_meter, window = MetricMeter(), MetricMeter()
         # range first: zip stops before fetching a batch that would not be used.
-        for it, batch in zip(range(num_iters), self.task.loader, strict=False):
+        for it, batch in zip(range(self.num_iters), self.task.loader, strict=False):
+            self.iter = it
             batch = move_to_device(batch, self.device, channels_last=self.channels_last)
             for hook in self.hooks:
                 hook.before_step(self)
@@ -376,45 +355,23 @@ class Runner:
             images = _batch_size(batch) * get_world_size()
             epoch_meter.add(values, images=images)
             window.add(values, images=images)
-            bar.update(1)
-            if (it + 1) % self.log_period == 0 or it + 1 == num_iters:
-                self._log_window(window, epoch=epoch, it=it, num_iters=num_iters, lr=lr, bar=bar)
+            self.window = None
+            if (it + 1) % self.log_period == 0 or it + 1 == self.num_iters:  # a log point
+                self.window = {k: float(v) / window.steps for k, v in window.sums.items()}  # sync
+                self.window_images_per_s = window.images / max(window.seconds(), 1e-9)
+                step = epoch * self.num_iters + it + 1
+                self.log_points.append({"iteration": step, **self.window, "lr": self.lr})
+            for hook in self.hooks:
+                hook.after_step(self)
+            if self.window is not None:
                 window = MetricMeter()
-        bar.close()
+        self.window = None
         summary = {k: float(all_reduce_mean(v)) for k, v in epoch_meter.means().items()}
         seconds = epoch_meter.seconds()
-        summary.update(lr=lr, seconds=seconds, images_per_s=epoch_meter.images / seconds)
+        summary.update(lr=self.lr, seconds=seconds, images_per_s=epoch_meter.images / seconds)
         self.history.append({"epoch": epoch + 1, **summary})
-        logger.info(
-            "epoch %d/%d: %s",
-            epoch + 1,
-            self.epochs,
-            "  ".join(f"{k} {v:.4g}" for k, v in summary.items()),
-        )
-        if self.writer:
-            for name, value in summary.items():
-                self.writer.add_scalar(f"epoch/{name}", value, epoch + 1)
+        logger.info("epoch %d/%d: %s", epoch + 1, self.epochs, _format(summary))
         return summary
-
-    def _log_window(
-        self, window: MetricMeter, *, epoch: int, it: int, num_iters: int, lr: float, bar: tqdm
-    ) -> None:
-        """Progress bar, log point and TensorBoard for the steps since the last log point."""
-        means = {k: float(v) / window.steps for k, v in window.sums.items()}  # the one host sync
-        if not all(math.isfinite(v) for v in means.values()):
-            values = ", ".join(f"{k}={v}" for k, v in means.items())
-            raise NonFiniteLossError(
-                f"non-finite training values at epoch {epoch + 1}, iteration {it + 1}"
-                f" (lr {lr:g}): {values}; stopping. The last checkpoint"
-                f" ({self.last_saved or 'none written yet'}) is intact."
-            )
-        step = epoch * num_iters + it + 1
-        speed = window.images / max(window.seconds(), 1e-9)
-        bar.set_postfix({**{k: f"{v:.4g}" for k, v in means.items()}, "img/s": f"{speed:.0f}"})
-        self.log_points.append({"iteration": step, **means, "lr": lr})
-        if self.writer:
-            for name, value in {**means, "lr": lr, "images_per_s": speed}.items():
-                self.writer.add_scalar(f"train/{name}", value, step)
 
 
 class MetricMeter:
@@ -437,6 +394,10 @@ class MetricMeter:
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start
+
+
+def _format(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
 
 
 def _batch_size(batch: Any) -> int:
