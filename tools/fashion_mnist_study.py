@@ -144,7 +144,9 @@ def run_study(budget: str, work: Path, opts: list[str] = ()) -> dict[str, Any]:
     results["raw_pixels_knn_top1"] = raw_pixel_knn(recipe, work, opts)
     results["random_init"] = random_encoder(pipeline, recipe, opts)
     main = pipeline.pretrain(recipe, "moco_v2_main", [*KNN, *opts])
-    lincls = linear_classification(pipeline, main["checkpoint"], work / "moco_v2_main" / "lincls", opts)
+    lincls = linear_classification(
+        pipeline, main["checkpoint"], work / "moco_v2_main" / "lincls", opts
+    )
     results["moco"] = {
         "knn_top1": main["knn"][-1]["knn_top1"],
         "linear_top1": lincls["top1"],
