@@ -84,13 +84,15 @@ def test_each_part_reports_its_figures(tool, dry_run):
             "resnet18", 8, 64, True,
         )  # fmt: skip
         assert (config["mode"], config["compile"]) == (mode, compiled)
-        assert results[name]["ours"]["images_per_s"] > 0
+        ours = results[name]["ours"]  # images/s is the batch over the step's time
+        assert ours["images_per_s"] == pytest.approx(config["batch_size"] * 1000 / ours["step_ms"])
     assert results["e2e"]["config"]["aug"] == "device"
     # the opt-in pair reaches the bf16 part only (a CPU records neither: both are CUDA-only)
     commands = {name: report["parts"][name]["command"] for name in ("model", "model_bf16")}
     assert commands["model_bf16"].endswith(" TRAIN.AMP_DTYPE bf16 TRAIN.CHANNELS_LAST True")
     assert "TRAIN.AMP_DTYPE" not in commands["model"]
-    assert results["e2e"]["ours"]["split_ms"]["augment"] > 0  # the device path augments
+    split = results["e2e"]["ours"]["split_ms"]
+    assert 0 < split["augment"] < split["step"]  # the device path augments, inside the step
     profile = results["compile_profile"]
     assert list(profile) == ["ours"] and profile["ours"]["timed"] == "ops"
     assert profile["ours"]["top"][-1]["name"] == "(all others)"
