@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -30,17 +31,34 @@ def tool():
     return load_tool("pretrain_speed")
 
 
-def _check_report(report: dict, tool) -> None:
+# The parts timed inside the step (the others: the loader's wait, and the remainder)
+IN_STEP = ("query_fwd_bwd", "key_fwd", "momentum_update", "optimizer")
+
+
+def _timed_main(tool, argv: list[str]) -> tuple[dict, float]:
+    """The tool's report and the wall time of the call that made it."""
+    start = time.perf_counter()
+    report = tool.main(argv)
+    return report, time.perf_counter() - start
+
+
+def _check_report(report: dict, tool, wall: float) -> None:
     assert set(report) == {"command", "machine", "config", "ours", "baseline", "ratio"}
     assert report["machine"]["device"] == "cpu"
+    config = report["config"]
     for name in ("ours", "baseline"):
         result = report[name]
-        assert result["images_per_s"] > 0 and result["step_ms"] > 0
-        assert len(result["step_seconds_per_round"]) == report["config"]["rounds"]
-        assert result["step_ms"] == pytest.approx(1000 * result["step_seconds_per_round"][0])
-        assert set(result["split_ms"]) == {*tool.PARTS, "step"}
-        assert result["split_ms"]["query_fwd_bwd"] > 0 and result["split_ms"]["key_fwd"] > 0
-        assert result["split_ms"]["momentum_update"] > 0 and result["split_ms"]["optimizer"] > 0
+        rounds = result["step_seconds_per_round"]
+        assert len(rounds) == config["rounds"]
+        # each round's steps (step ends are timed: steps - 1 intervals) ran inside the call
+        assert all(0 < seconds * (config["steps"] - 1) < wall for seconds in rounds)
+        assert result["step_ms"] == pytest.approx(1000 * rounds[0])
+        assert result["images_per_s"] == pytest.approx(config["batch_size"] / rounds[0])
+        split = result["split_ms"]
+        assert set(split) == {*tool.PARTS, "step"}
+        # per-step means: each part timed inside the step is a positive part of it (a unit slip,
+        # e.g. the profiler's microseconds read as milliseconds, makes a part exceed the step)
+        assert all(0 < split[part] < split["step"] for part in IN_STEP), split
         assert result["peak_memory_mib"] is None or result["peak_memory_mib"] >= 0
     expected = report["baseline"]["step_ms"] / report["ours"]["step_ms"]  # one round
     assert report["ratio"]["images_per_s"] == pytest.approx(expected)
@@ -50,9 +68,9 @@ def test_model_mode_two_steps_writes_the_json(tool, tmp_path, capsys):
     out = tmp_path / "speed.json"
     argv = ["--device", "cpu", "--threads", "1", "--steps", "2", "--warmup", "1", "--rounds", "1"]
     argv += ["--profile", "3", "--json", str(out)]
-    report = tool.main([*argv, *SMALL, "MODEL.BN_SPLITS", "2"])
+    report, wall = _timed_main(tool, [*argv, *SMALL, "MODEL.BN_SPLITS", "2"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    _check_report(report, tool)
+    _check_report(report, tool, wall)
     assert report["config"]["mode"] == "model" and report["config"]["bn_splits"] == 2
     assert report["config"]["profile"] == 3
     printed = capsys.readouterr().out
@@ -66,17 +84,19 @@ def test_model_mode_two_steps_writes_the_json(tool, tmp_path, capsys):
         assert (
             f"{largest['share']:8.1%} {largest['ms_per_step']:9.2f}  {largest['name']}" in printed
         )
-    assert report["ours"]["split_ms"]["shuffle"] > 0  # split BN: the key batch is shuffled
+    split = report["ours"]["split_ms"]
+    assert 0 < split["shuffle"] < split["step"]  # split BN: the key batch is shuffled
     assert report["ours"]["split_ms"]["data"] < report["ours"]["split_ms"]["step"]
 
 
 def test_end_to_end_with_device_augmentation(tool, tiny_imagefolder):
     argv = ["--device", "cpu", "--threads", "1", "--mode", "e2e", "--aug", "device", "--steps", "2"]
     opts = ["DATA.ROOT", str(tiny_imagefolder), "DATA.NUM_WORKERS", "0", "DATA.AUG", "v2"]
-    report = tool.main([*argv, "--warmup", "1", "--rounds", "1", *SMALL, *opts])
-    _check_report(report, tool)
+    report, wall = _timed_main(tool, [*argv, "--warmup", "1", "--rounds", "1", *SMALL, *opts])
+    _check_report(report, tool, wall)
     assert report["config"]["aug"] == "device"
-    assert report["ours"]["split_ms"]["augment"] > 0  # on the device, inside the step
+    split = report["ours"]["split_ms"]
+    assert 0 < split["augment"] < split["step"]  # on the device, inside the step
     assert report["baseline"]["split_ms"]["augment"] == 0  # the CPU recipe, in the loader
 
 
@@ -147,16 +167,18 @@ def test_pipeline_mode_compares_the_recipe_with_its_model_step(tool, tiny_imagef
     ratios from the paired rounds."""
     argv = ["--device", "cpu", "--threads", "1", "--mode", "pipeline", "--steps", "2"]
     opts = ["DATA.ROOT", str(tiny_imagefolder), "DATA.NUM_WORKERS", "1", "DATA.DEVICE_AUG", "True"]
-    report = tool.main([*argv, "--warmup", "1", "--rounds", "2", *SMALL, *opts])
+    report, wall = _timed_main(tool, [*argv, "--warmup", "1", "--rounds", "2", *SMALL, *opts])
     variants = ("end_to_end", "model_only", "unseeded")
     assert set(report) == {"command", "machine", "config", "ratios", "seeding", *variants}
     seeding = report["seeding"]
     cost = seeding["seeded_ms_per_batch"] - seeding["unseeded_ms_per_batch"]
     assert seeding["share_of_step"] == pytest.approx(cost / report["end_to_end"]["step_ms"])
-    assert seeding["seeded_ms_per_batch"] > 0 and seeding["unseeded_ms_per_batch"] > 0
+    for loader in ("seeded", "unseeded"):  # a median of rounds of 2 batches, inside the call
+        assert 0 < seeding[f"{loader}_ms_per_batch"] * 2 / 1000 < wall
     assert report["config"]["device_aug"] is True
     split = {name: report[name]["split_ms"] for name in variants}
-    assert split["end_to_end"]["augment"] > 0 and split["unseeded"]["augment"] > 0
+    for name in ("end_to_end", "unseeded"):
+        assert 0 < split[name]["augment"] < split[name]["step"]
     assert split["model_only"]["augment"] == 0  # views already made: the model step alone
     printed = capsys.readouterr().out
     for pair in ("end_to_end/model_only", "end_to_end/unseeded"):
