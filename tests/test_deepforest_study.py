@@ -51,9 +51,15 @@ def test_study_fine_tunes_both_inits_over_trials_and_reports(tmp_path):
     assert all(label in report for label in study.ROWS.values())
     assert (output / "report.png").read_bytes().startswith(b"\x89PNG")
 
-    # rerun: tiles, pretraining and finished trials are read back, not redone
+    seconds = json.loads((work / "costs.json").read_text())["seconds"]
+    assert set(seconds) == {"tiles", "pretrain", "fine_tune/random", "fine_tune/moco"}
+
+    # rerun: tiles, pretraining and finished trials are read back, not redone (costs.json records
+    # the latest command)
     stamps = {
-        p: p.stat().st_mtime_ns for p in work.rglob("*") if p.suffix in (".pkl", ".json", ".pth")
+        p: p.stat().st_mtime_ns
+        for p in work.rglob("*")
+        if p.suffix in (".pkl", ".json", ".pth") and p.name != "costs.json"
     }
     study.main(argv)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

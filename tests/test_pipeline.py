@@ -25,13 +25,11 @@ def _task(calls: list):
 def test_a_step_runs_once_and_is_read_back(tmp_path):
     calls: list = []
     first = Pipeline(tmp_path, command="first")
-    assert first.run(_task(calls), RECIPE, "a", ["SEED", "3"], done="done.json", step="a") == {
-        "seed": 3
-    }
+    done = first.run(_task(calls), RECIPE, "a", ["SEED", "3"], done="done.json", step="a")
+    assert done == tmp_path / "a" / "done.json"
     again = Pipeline(tmp_path, command="second")  # a resumed study
-    assert again.run(_task(calls), RECIPE, "a", ["SEED", "4"], done="done.json", step="a") == {
-        "seed": 3
-    }
+    assert again.run(_task(calls), RECIPE, "a", ["SEED", "4"], done="done.json", step="a") == done
+    assert json.loads(done.read_text()) == {"seed": 3}
     assert calls == [(str(tmp_path / "a"), 3)]
     costs = json.loads((tmp_path / COSTS_FILE).read_text())
     assert costs["command"] == "second" and set(costs["seconds"]) == {"a"}

@@ -24,7 +24,7 @@ from moco_pretrain.pretrain import run_pretraining
 from moco_pretrain.results import RESULTS_FILE
 from moco_pretrain.supervised import run_supervised
 from transfer import benchmark
-from transfer.pipeline import SUMMARY_FILE, Pipeline
+from transfer.pipeline import SUMMARY_FILE, Pipeline, read_json
 
 # Per method: the recipe and its overrides as the benchmark runs it, the run, the file it writes
 # last, and its score there.
@@ -42,12 +42,11 @@ def choose(
     recipe, fixed, run, done, score = METHODS[method]
     source = str(benchmark.parse_classes(classes, "--classes"))
     pipeline = Pipeline(work, command=shlex.join(["choose_on_holdout.py", method, key, *values]))
-    scores = [
-        score(pipeline.run(run, recipe, f"{key}_{value}", [*fixed, "DATA.CLASSES", source, *opts,
-                                                          key, value, "SEED", "0"],
-                           done=done, step=f"{key}_{value}"))
-        for value in values
-    ]  # fmt: skip
+    scores = []
+    for value in values:
+        overrides = [*fixed, "DATA.CLASSES", source, *opts, key, value, "SEED", "0"]
+        done_file = pipeline.run(run, recipe, f"{key}_{value}", overrides, done=done, step=value)
+        scores.append(score(read_json(done_file)))
     best = max(range(len(values)), key=scores.__getitem__)
     return {"method": method, "key": key, "classes": source, "values": values, "scores": scores,
             "choice": values[best], "machine": pipeline.costs["machine"]}  # fmt: skip

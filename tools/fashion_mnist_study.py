@@ -112,8 +112,8 @@ def random_encoder(pipeline: Pipeline, recipe: str, opts: list[str]) -> dict[str
         cfg = setup_cfg(recipe, opts)
         torch.manual_seed(cfg.SEED)
         atomic_save(build_backbone(cfg.MODEL.ARCH).state_dict(), weights)
-    knn = pipeline.evaluate(run_knn, recipe, out / "knn", [*KNN, *opts], pretrained=weights,
-                            step="knn/random_init")  # fmt: skip
+    knn = pipeline.evaluate(run_knn, recipe, out, [*KNN, *opts], pretrained=weights,
+                            step="knn/random_init", done=f"knn/{RESULTS_FILE}")  # fmt: skip
     return {
         "knn_top1": knn["metrics"]["top1"],
         "linear_top1": linear_classification(pipeline, str(weights), out / "lincls", opts)["top1"],

@@ -38,6 +38,10 @@ COSTS_FILE = "costs.json"
 SUMMARY_FILE = "summary.json"  # what a pretraining run writes last
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
 class Pipeline:
     """The steps of a study in ``work``; relative output paths are below it."""
 
@@ -66,14 +70,14 @@ class Pipeline:
     def run(
         self, task: Callable[[Any], Any], recipe: str, out: str | Path, opts: Sequence[str], *,
         done: str, step: str,
-    ) -> dict[str, Any]:  # fmt: skip
+    ) -> Path:  # fmt: skip
         """``task(cfg)`` on ``recipe`` with ``opts`` into ``out``, unless ``out/done`` exists;
-        returns that JSON file."""
+        returns that file."""
         out = self.path(out)
         if not (out / done).is_file():
             cfg = setup_cfg(recipe, [*opts, "OUTPUT_DIR", str(out)])
             self.timed(step, task, cfg)
-        return json.loads((out / done).read_text())
+        return out / done
 
     def pretrain(
         self, recipe: str, out: str | Path, opts: Sequence[str] = (), *, step: str = "pretrain"
@@ -81,7 +85,7 @@ class Pipeline:
         """A MoCo run; its ``summary.json`` (``checkpoint``: the last checkpoint)."""
         from moco_pretrain.pretrain import run_pretraining
 
-        return self.run(run_pretraining, recipe, out, opts, done=SUMMARY_FILE, step=step)
+        return read_json(self.run(run_pretraining, recipe, out, opts, done=SUMMARY_FILE, step=step))
 
     def supervised(
         self, recipe: str, out: str | Path, opts: Sequence[str] = (), *, step: str = "supervised"
@@ -94,12 +98,12 @@ class Pipeline:
 
     def evaluate(
         self, task: Callable[..., Any], recipe: str, out: str | Path, opts: Sequence[str] = (),
-        *, pretrained: str | Path, step: str,
+        *, pretrained: str | Path, step: str, done: str = RESULTS_FILE,
     ) -> dict[str, Any]:  # fmt: skip
-        """A frozen-backbone evaluation (``run_knn``, ``run_lincls``) of ``pretrained``; its
-        ``results.json``."""
+        """A frozen-backbone evaluation of ``pretrained`` (``run_lincls``; ``run_knn`` writes
+        ``knn/results.json``); its results."""
         run = partial(task, pretrained=str(pretrained))
-        return self.run(run, recipe, out, opts, done=RESULTS_FILE, step=step)
+        return read_json(self.run(run, recipe, out, opts, done=done, step=step))
 
     def convert(
         self, checkpoint: str | Path, path: str | Path, *, arch: str = "resnet50",
