@@ -6,7 +6,6 @@ the initialisation; the models they build; their 2-iteration CPU runs on tiny CO
 from __future__ import annotations
 
 import json
-import math
 from functools import reduce
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,11 @@ from torch import nn  # noqa: E402
 
 from moco_pretrain.comparison import find_expected, load_expected  # noqa: E402
 from moco_pretrain.config import config_root, flatten_config  # noqa: E402
-from tests.test_detectron2_train import write_coco  # noqa: E402
+from tests.test_detectron2_train import (  # noqa: E402
+    check_coco_ap,
+    predicted_images,
+    write_coco,
+)
 from transfer import add_moco_config  # noqa: E402
 from transfer.train_net import Trainer, main  # noqa: E402
 
@@ -344,15 +347,10 @@ def _run(tmp_path: Path, config: str, prefix: str, writer, weights: Path, *opts:
     output = tmp_path / "out"
     argv = ["--config-file", f"detection/{config}", "MOCO.DATASETS.COCO", datasets]
     main([*argv, *opts, "MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(output)])
+    assert predicted_images(output) == {1, 2}  # the test split's 2 images, each predicted on
     results = json.loads((output / "trial_0" / "results.json").read_text())
     results["log"] = (output / "trial_0" / "log.txt").read_text()
     return results
-
-
-def _check_ap(metrics: dict[str, float], task: str) -> None:
-    """COCOEvaluator: NaN where nothing was predicted; else AP50 bounds AP and AP75."""
-    ap, ap50, ap75 = (metrics[f"{task}/{m}"] for m in ("AP", "AP50", "AP75"))
-    assert all(map(math.isnan, (ap, ap50, ap75))) or (ap50 >= ap and ap50 >= ap75)
 
 
 def _per_class(task: str) -> set[str]:
@@ -367,8 +365,8 @@ def _mask_rcnn_results(tmp_path: Path, config: str, dataset: str, backbone_pkl: 
     metrics = results["metrics"]
     segm = {key.replace("bbox/", "segm/") for key in COCO_BOX}
     assert set(metrics) == COCO_BOX | segm | _per_class("bbox") | _per_class("segm")
-    _check_ap(metrics, "bbox")
-    _check_ap(metrics, "segm")
+    check_coco_ap(metrics, "bbox")
+    check_coco_ap(metrics, "segm")
     return results
 
 
@@ -406,8 +404,8 @@ def test_keypoint_instant_test_trains_and_evaluates_keypoints(tmp_path, backbone
     metrics = results["metrics"]
     keypoints = {f"keypoints/{m}" for m in ("AP", "AP50", "AP75", "APm", "APl")}  # no APs
     assert set(metrics) == COCO_BOX | keypoints  # one class: no per-class AP
-    _check_ap(metrics, "bbox")
-    _check_ap(metrics, "keypoints")
+    check_coco_ap(metrics, "bbox")
+    check_coco_ap(metrics, "keypoints")
     model = results["config"]["MODEL"]
     assert (model["KEYPOINT_ON"], model["ROI_KEYPOINT_HEAD"]["NUM_KEYPOINTS"]) == (True, 4)
     assert results["config"]["MOCO"]["DATASETS"]["KEYPOINT_NAMES"] == list(KEYPOINTS)
