@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 from fvcore.common.config import CfgNode as CN
 
+from .recipes import resolve_config_file
+
 # DATA.VAL_SPLIT naming the images DATA.HOLDOUT sets aside from the training split.
 HOLDOUT_SPLIT = "holdout"
 
@@ -101,23 +103,6 @@ _C.KNN.BATCH_SIZE_PER_PROCESS = 256  # feature extraction; SOLVER.BATCH_SIZE is 
 def get_cfg() -> CN:
     """A fresh copy of the defaults."""
     return _C.clone()
-
-
-def config_root() -> Path:
-    """The recipes folder: the installed copy (a wheel's), else the repository's configs/."""
-    packaged = Path(__file__).resolve().parent / "_configs"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "configs"
-
-
-def resolve_config_file(name: str) -> Path:
-    """A path as given if it exists, else a recipe name such as ``pretrain/moco_v2_200ep.yaml``."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    packaged = config_root() / name
-    if packaged.is_file():
-        return packaged
-    raise FileNotFoundError(f"config file {name!r} not found (nor under {config_root()})")
 
 
 def setup_cfg(

@@ -80,8 +80,8 @@ from .comparison import (
     two_level_bootstrap,
     welch,
 )
-from .config import config_root
 from .files import atomic_write
+from .recipes import config_root
 from .results import RESULTS_FILE, read_results
 
 __all__ = [

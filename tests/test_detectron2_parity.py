@@ -17,7 +17,7 @@ from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_backbone, build_model  # noqa: E402
 
-from moco_pretrain.config import resolve_config_file  # noqa: E402
+from moco_pretrain.recipes import resolve_config_file  # noqa: E402
 from moco_pretrain.weights import load_backbone_state_dict  # noqa: E402
 from transfer import add_moco_config  # noqa: E402
 from transfer.convert import convert_to_detectron2, write_detectron2_pkl  # noqa: E402

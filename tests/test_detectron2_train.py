@@ -21,7 +21,7 @@ from PIL import Image
 
 pytest.importorskip("detectron2")
 
-from moco_pretrain.config import resolve_config_file  # noqa: E402
+from moco_pretrain.recipes import resolve_config_file  # noqa: E402
 from moco_pretrain.weights import load_backbone_state_dict  # noqa: E402
 from transfer.convert import convert_to_detectron2, write_detectron2_pkl  # noqa: E402
 from transfer.preflight import BackboneWeightsError  # noqa: E402

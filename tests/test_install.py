@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torchvision.ops
 
-from moco_pretrain.config import config_root
+from moco_pretrain.recipes import config_root
 
 SETUP_PY = Path(__file__).resolve().parents[1] / "setup.py"
 

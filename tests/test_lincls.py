@@ -14,7 +14,7 @@ from moco_pretrain import lincls
 from moco_pretrain.builder import MoCo
 from moco_pretrain.checkpoint import load_checkpoint, with_ddp_prefix
 from moco_pretrain.cli.lincls import main
-from moco_pretrain.config import config_root, setup_cfg
+from moco_pretrain.config import setup_cfg
 from moco_pretrain.evaluation import build_frozen_backbone, classification_step, load_pretrained
 from moco_pretrain.lincls import (
     FrozenBackboneError,
@@ -23,6 +23,7 @@ from moco_pretrain.lincls import (
     run_lincls,
 )
 from moco_pretrain.models import build_resnet
+from moco_pretrain.recipes import config_root
 from moco_pretrain.schedules import lr_at_epoch, scaled_lr
 from moco_pretrain.weights import CheckpointLayoutError
 

@@ -297,7 +297,7 @@ def test_each_benchmark_config_as_recorded_matches_its_expected_entry(config, pr
     pytest.importorskip("detectron2")
     from detectron2.config import get_cfg
 
-    from moco_pretrain.config import config_root, resolve_config_file
+    from moco_pretrain.recipes import config_root, resolve_config_file
     from transfer.config import add_moco_config
 
     cfg = get_cfg()
@@ -309,7 +309,7 @@ def test_each_benchmark_config_as_recorded_matches_its_expected_entry(config, pr
 
 
 def test_the_packaged_expected_numbers_load_and_match_one_entry_each():
-    from moco_pretrain.config import config_root
+    from moco_pretrain.recipes import config_root
 
     entries = load_expected(config_root() / "expected.yaml")
     voc_moco = {"MOCO": {"INIT": "moco"}, "DATASETS": {"TEST": ["voc_2007_test"]},

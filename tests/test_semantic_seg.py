@@ -244,7 +244,7 @@ def test_each_row_as_recorded_finds_its_table_6_number_in_expected_yaml(name, mi
     import yaml
 
     from moco_pretrain.comparison import find_expected, load_expected
-    from moco_pretrain.config import config_root
+    from moco_pretrain.recipes import config_root
 
     entries = load_expected(config_root() / "expected.yaml")
     config = yaml.safe_load(_load(name).dump())
@@ -259,7 +259,7 @@ def test_random_init_rows_have_no_expected_number():
     import yaml
 
     from moco_pretrain.comparison import find_expected, load_expected
-    from moco_pretrain.config import config_root
+    from moco_pretrain.recipes import config_root
 
     entries = load_expected(config_root() / "expected.yaml")
     for name in ("voc_R_50_FCN_30k_random.yaml", "cityscapes_R_50_FCN_90k_random.yaml"):

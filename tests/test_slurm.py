@@ -6,7 +6,7 @@ import pytest
 
 from moco_pretrain import slurm
 from moco_pretrain.checkpoint import load_checkpoint
-from moco_pretrain.config import resolve_config_file
+from moco_pretrain.recipes import resolve_config_file
 
 from .test_training import tiny_cfg
 

@@ -17,11 +17,12 @@ from moco_pretrain.checkpoint import (
     load_checkpoint,
     without_ddp_prefix,
 )
-from moco_pretrain.config import config_root, setup_cfg
+from moco_pretrain.config import setup_cfg
 from moco_pretrain.engine import NonFiniteLossError, Runner
 from moco_pretrain.evaluation import backbone_of, knn_metrics_of
 from moco_pretrain.models import build_backbone
 from moco_pretrain.pretrain import build_moco, run_pretraining
+from moco_pretrain.recipes import config_root
 
 from .conftest import write_image_folder
 

@@ -22,7 +22,8 @@ from fvcore.nn.precise_bn import get_bn_modules  # noqa: E402
 from torch import nn  # noqa: E402
 
 from moco_pretrain.comparison import find_expected, load_expected  # noqa: E402
-from moco_pretrain.config import config_root, flatten_config  # noqa: E402
+from moco_pretrain.config import flatten_config
+from moco_pretrain.recipes import config_root  # noqa: E402
 from tests.test_detectron2_train import (  # noqa: E402
     check_coco_ap,
     predicted_images,

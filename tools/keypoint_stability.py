@@ -39,9 +39,9 @@ from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
-from moco_pretrain.config import resolve_config_file
 from moco_pretrain.files import atomic_write, atomic_write_json
 from moco_pretrain.machine import describe_machine
+from moco_pretrain.recipes import resolve_config_file
 from transfer.datasets.register import register_datasets
 from transfer.datasets.scenes import scene_options
 from transfer.preflight import load_verified

@@ -56,10 +56,10 @@ from typing import Any
 
 from moco_pretrain.checkpoint import Checkpointer
 from moco_pretrain.cli.common import exit_on_user_error
-from moco_pretrain.config import resolve_config_file
 from moco_pretrain.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
 from moco_pretrain.files import atomic_write, atomic_write_json
 from moco_pretrain.pretrain import feature_comparison
+from moco_pretrain.recipes import resolve_config_file
 from moco_pretrain.results import RESULTS_FILE, read_results
 
 from .datasets.scenes import SUMMARY_FILE, build_fashion_scenes, scene_classes, scene_options

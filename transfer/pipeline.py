@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from moco_pretrain.checkpoint import Checkpointer
-from moco_pretrain.config import resolve_config_file, setup_cfg
+from moco_pretrain.config import setup_cfg
 from moco_pretrain.files import atomic_write_json
 from moco_pretrain.machine import describe_machine
+from moco_pretrain.recipes import resolve_config_file
 from moco_pretrain.report import write_report
 from moco_pretrain.results import RESULTS_FILE
 from moco_pretrain.weights import load_backbone_state_dict

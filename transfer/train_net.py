@@ -65,8 +65,8 @@ from fvcore.nn.precise_bn import get_bn_modules
 from torch import nn
 
 from moco_pretrain.cli.common import exit_on_user_error
-from moco_pretrain.config import config_root, resolve_config_file
 from moco_pretrain.files import file_sha256
+from moco_pretrain.recipes import config_root, resolve_config_file
 from moco_pretrain.results import RESULTS_FILE, write_results
 
 from .config import add_moco_config, check_moco_config

@@ -11,7 +11,8 @@ import argparse
 
 from moco_pretrain.cli.common import exit_on_user_error
 from moco_pretrain.cli.pretrain import get_parser as get_pretrain_parser
-from moco_pretrain.config import resolve_config_file, setup_cfg, validate
+from moco_pretrain.config import setup_cfg, validate
+from moco_pretrain.recipes import resolve_config_file
 from moco_pretrain.slurm import submit
 
 
