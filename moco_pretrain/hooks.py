@@ -94,6 +94,7 @@ class Progress(Hook):
     bar: tqdm | None = None
 
     def before_epoch(self, runner: Runner, epoch: int) -> None:
+        self.after_train(runner)  # a loader that ended early left the last bar open
         self.bar = tqdm(
             total=runner.num_iters,
             desc=f"epoch {epoch + 1}/{runner.epochs}",

@@ -67,3 +67,12 @@ def test_a_conversion_check_refuses_before_anything_is_written(tmp_path):
     assert not (tmp_path / "w.pkl").exists()
     path = pipeline.convert(checkpoint, "w.pkl", arch="resnet18")
     assert path == tmp_path / "w.pkl" and path.stat().st_size > 0
+
+
+def test_a_path_that_names_the_work_folder_again_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pipeline = Pipeline(Path("out/study"), command="c")
+    assert pipeline.path("det/moco") == Path("out/study/det/moco")
+    assert pipeline.path(tmp_path / "elsewhere") == tmp_path / "elsewhere"
+    with pytest.raises(ValueError, match="names the work folder out/study again"):
+        pipeline.path(Path("out/study") / "det")

@@ -66,14 +66,22 @@ def pretraining_ids(data: Path, classes: str) -> set[int]:
 
 @pytest.fixture(scope="module")
 def two_seed_run(tiny_fashion_mnist, tmp_path_factory) -> tuple[Path, list[str]]:
-    """One benchmark of 2 pretraining seeds, scored on the validation scenes: its work folder and
-    arguments (one per module: detectron2 registers the scenes' names once per process)."""
+    """One benchmark of 2 pretraining seeds, scored on the validation scenes, run as the quick
+    start runs it, with a work folder relative to the current one: its work folder and arguments
+    (one per module: detectron2 registers the scenes' names once per process)."""
     pytest.importorskip("detectron2")
-    work = tmp_path_factory.mktemp("benchmark") / "work"
-    args = argv(tiny_fashion_mnist, work, "--pretrain-seeds", "2", "--eval-split", "val",
+    base = tmp_path_factory.mktemp("benchmark")
+    args = argv(tiny_fashion_mnist, Path("work"), "--pretrain-seeds", "2", "--eval-split", "val",
                 *TINY_FINE_TUNE)  # fmt: skip
-    benchmark.main(args)
-    return work, args
+    run_in(base, args)
+    return base / "work", args
+
+
+def run_in(folder: Path, args: list[str]) -> None:
+    """``moco-benchmark args`` run from ``folder``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        benchmark.main(args)
 
 
 def test_every_step_runs_reports_and_a_rerun_trains_nothing(two_seed_run):
@@ -81,8 +89,8 @@ def test_every_step_runs_reports_and_a_rerun_trains_nothing(two_seed_run):
     schedule = "short-val"
     report = read_report(work / "report" / schedule / "report.csv")
     runs = {
-        "moco": [(f"seed_{s}/trial_0", work / f"weights/moco_seed{s}.pkl", 0) for s in (0, 1)],
-        "sup": [(f"seed_{s}/trial_0", work / f"weights/sup_seed{s}.pkl", 0) for s in (0, 1)],
+        "moco": [(f"seed_{s}/trial_0", f"work/weights/moco_seed{s}.pkl", 0) for s in (0, 1)],
+        "sup": [(f"seed_{s}/trial_0", f"work/weights/sup_seed{s}.pkl", 0) for s in (0, 1)],
         "random": [(f"trial_{k}", "", k) for k in (0, 1)],  # as many trials as a pretrained row
     }
     for row, expected in runs.items():
@@ -106,7 +114,7 @@ def test_every_step_runs_reports_and_a_rerun_trains_nothing(two_seed_run):
             assert config["SOLVER"]["MAX_ITER"] == 2
             assert config["MODEL"]["ROI_HEADS"]["NUM_CLASSES"] == 5
             assert config["DATASETS"]["TEST"] == ["fashion_scenes_val"]
-            assert config["MODEL"]["WEIGHTS"] == str(weights)
+            assert config["MODEL"]["WEIGHTS"] == weights  # as given, relative to the command
     for s in (0, 1):  # the pretraining seeds are the runs' SEEDs
         assert f"SEED: {s}\n" in (work / "moco" / f"seed_{s}" / "config.yaml").read_text()
     seconds = json.loads((work / "costs.json").read_text())["seconds"]
@@ -121,7 +129,7 @@ def test_every_step_runs_reports_and_a_rerun_trains_nothing(two_seed_run):
         p: p.stat().st_mtime_ns for p in work.rglob("*") if p.suffix in (".json", ".pkl", ".tar")
     }
     report = (work / "report" / schedule / "report.md").read_text()
-    benchmark.main(args)
+    run_in(work.parent, args)
     rerun = {p: p.stat().st_mtime_ns for p in finished}
     unchanged = {p for p in finished if rerun[p] == finished[p]}
     assert unchanged == {p for p in finished if p.name != "costs.json"}  # nothing retrained
@@ -157,8 +165,8 @@ def test_no_scene_garment_is_in_any_pretraining_set(two_seed_run, tiny_fashion_m
 def test_controls_epoch_curve_and_long_schedule_extend_a_finished_run(two_seed_run):
     work, args = two_seed_run
     pretrained = {p: p.stat().st_mtime_ns for p in (work / "moco").rglob("*.tar")}
-    benchmark.main([*args[: args.index("SOLVER.MAX_ITER")], "--epoch-curve", "1", "2",
-                    "--schedules", "short", "long", "--controls", *TINY_FINE_TUNE])  # fmt: skip
+    run_in(work.parent, [*args[: args.index("SOLVER.MAX_ITER")], "--epoch-curve", "1", "2",
+                         "--schedules", "short", "long", "--controls", *TINY_FINE_TUNE])  # fmt: skip
     assert {p: p.stat().st_mtime_ns for p in pretrained} == pretrained  # reused, not retrained
     short, long = work / "det" / "short-val", work / "det" / "long-val"
     for row, init in (("random_bn", "random-bn"), ("moco_m0", "moco")):

@@ -24,12 +24,12 @@ from moco_pretrain.pretrain import run_pretraining
 from moco_pretrain.results import RESULTS_FILE
 from moco_pretrain.supervised import run_supervised
 from transfer import benchmark
-from transfer.pipeline import SUMMARY_FILE, Pipeline, read_json
+from transfer.pipeline import PRETRAIN_SUMMARY, Pipeline, read_json
 
 # Per method: the recipe and its overrides as the benchmark runs it, the run, the file it writes
 # last, and its score there.
 METHODS = {
-    "moco": (benchmark.PRETRAIN_RECIPE, ["KNN.BANK_SIZE", "0"], run_pretraining, SUMMARY_FILE,
+    "moco": (benchmark.PRETRAIN_RECIPE, ["KNN.BANK_SIZE", "0"], run_pretraining, PRETRAIN_SUMMARY,
              lambda summary: summary["knn_top1"]),
     "supervised": (benchmark.SUPERVISED_RECIPE, benchmark.SUPERVISED_OPTS, run_supervised,
                    RESULTS_FILE, lambda result: result["metrics"]["top1"]),

@@ -9,9 +9,9 @@ Runs (each in its own folder under --work-dir; a finished one is read back, not 
 interrupted study resumes where it stopped):
 
 1. baselines: weighted kNN (k=20, T=0.1, cosine; the same kNN everywhere) on raw pixels, and on a
-   randomly initialised ResNet-18; the linear probe of the random encoder;
+   randomly initialised ResNet-18; linear classification of the random encoder;
 2. MoCo v2 (pretrain/fashion_mnist_cpu.yaml, or _full.yaml on a GPU) with kNN after every
-   epoch (every 10 on a GPU), then its linear probe (lincls/fashion_mnist_demo.yaml);
+   epoch (every 10 on a GPU), then its linear classification (lincls/fashion_mnist_demo.yaml);
 3. the supervised upper bound: the same ResNet-18 trained with labels;
 4. ablations at a shorter schedule: momentum m, queue size K, MoCo v1 vs v2.
 
@@ -99,9 +99,10 @@ def raw_pixel_knn(recipe: str, work: Path, opts: list[str]) -> float:
     return done["metrics"]["top1"]
 
 
-def linear_classification(pipeline: Pipeline, checkpoint: str, out: Path, opts: list[str]) -> dict:
-    return pipeline.evaluate(run_lincls, LINCLS_RECIPE, out, opts, pretrained=checkpoint,
-                             step=f"lincls/{out.parent.name}")["metrics"]  # fmt: skip
+def linear_classification(pipeline: Pipeline, checkpoint: str, run: str, opts: list[str]) -> dict:
+    """Linear classification (the lincls recipe) of ``checkpoint`` into ``<run>/lincls``."""
+    return pipeline.evaluate(run_lincls, LINCLS_RECIPE, f"{run}/lincls", opts,
+                             pretrained=checkpoint, step=f"lincls/{run}")["metrics"]  # fmt: skip
 
 
 def random_encoder(pipeline: Pipeline, recipe: str, opts: list[str]) -> dict[str, float]:
@@ -112,11 +113,11 @@ def random_encoder(pipeline: Pipeline, recipe: str, opts: list[str]) -> dict[str
         cfg = setup_cfg(recipe, opts)
         torch.manual_seed(cfg.SEED)
         atomic_save(build_backbone(cfg.MODEL.ARCH).state_dict(), weights)
-    knn = pipeline.evaluate(run_knn, recipe, out, [*KNN, *opts], pretrained=weights,
+    knn = pipeline.evaluate(run_knn, recipe, "random_init", [*KNN, *opts], pretrained=weights,
                             step="knn/random_init", done=f"knn/{RESULTS_FILE}")  # fmt: skip
     return {
         "knn_top1": knn["metrics"]["top1"],
-        "linear_top1": linear_classification(pipeline, str(weights), out / "lincls", opts)["top1"],
+        "linear_top1": linear_classification(pipeline, str(weights), "random_init", opts)["top1"],
     }
 
 

@@ -1,7 +1,9 @@
-"""Detectron2 transfer of MoCo backbones: converter, plugin, training entry point and report.
+"""Detectron2 transfer of MoCo backbones: converter, plugin, training entry point, datasets and
+the pipeline of every study.
 
 ``import transfer`` does not import Detectron2; the converter (:mod:`transfer.convert`) and the
-report (:mod:`moco_pretrain.report`) work without it. Detectron2 is imported when the plugin is used.
+dataset builders (:mod:`transfer.datasets`) work without it. Detectron2 is imported when the
+plugin is used.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ output exists, so an interrupted run resumes where it stopped:
 
 1. the scenes of the target classes (:mod:`transfer.datasets.scenes`), COCO format;
 2. per pretraining seed, MoCo v2 on the source images (``pretrain/fashion_mnist_demo.yaml``; its
-   kNN and linear probe, MoCo vs random-init features, on held-out source training images), or
+   kNN and logistic probe, MoCo vs random-init features, on held-out source training images), or
    ``--pretrained CKPT``;
 3. per pretraining seed, the supervised ResNet-18 on the source labels
    (``supervised/fashion_mnist.yaml``, as many epochs as MoCo, lr 0.03 chosen on held-out images);
@@ -368,7 +368,7 @@ def run(args: argparse.Namespace) -> None:
             if main_only and row not in ROWS:
                 continue
             recipe = RECIPES[args.task].format(init=suffix)
-            out = work / task_dir / run_name / row
+            out = Path(task_dir, run_name, row)
             runs = [(out, None, args.trials * (1 if main_only else len(seeds)))]
             if row != "random":
                 used = sorted(pkls[row])[:1] if main_only else sorted(pkls[row])
@@ -376,17 +376,17 @@ def run(args: argparse.Namespace) -> None:
             for folder, pkl, trials in runs:
                 fine_tune(recipe, folder, pkl, trials, init=init, schedule=schedule,
                           step=f"fine_tune/{step}/{row}")  # fmt: skip
-            report_rows.append((label, out))
+            report_rows.append((label, work / out))
         curve_dirs = {}
         if curve and schedule == "short":
             for epoch, pkl in curve.items():
-                curve_dirs[epoch] = work / task_dir / run_name / "epochs" / f"epoch_{epoch}"
+                curve_dirs[epoch] = Path(task_dir, run_name, "epochs", f"epoch_{epoch}")
                 fine_tune(RECIPES[args.task].format(init="moco"), curve_dirs[epoch], pkl,
                           args.trials, init="moco", schedule=schedule,
                           step=f"fine_tune/{step}/epochs")  # fmt: skip
         print(f"\n# Fashion-MNIST scenes, {args.task}, {schedule} schedule, {args.eval_split}"
               f" scenes; source {partition['source']}, target {partition['target']}\n")  # fmt: skip
-        output = work / "report" / step
+        output = Path("report", step)
         # The protocol's confirmatory comparisons: MoCo against the two baselines, short
         # schedule, the default partition, test scenes; everything else is secondary.
         primary_run = schedule == "short" and args.eval_split == "test" and default_partition
@@ -403,8 +403,9 @@ def run(args: argparse.Namespace) -> None:
         if curve_dirs:
             metric = recipe_cfg(RECIPES[args.task].format(init="moco"), recipe_opts)
             plot_epoch_curve(
-                curve_dirs, {ROWS[r][0]: work / task_dir / run_name / r for r in ("sup", "random")},
-                metric=metric.MOCO.PRIMARY_METRIC, path=output / "ap_vs_epochs.png",
+                {epoch: work / folder for epoch, folder in curve_dirs.items()},
+                {ROWS[r][0]: work / task_dir / run_name / r for r in ("sup", "random")},
+                metric=metric.MOCO.PRIMARY_METRIC, path=work / output / "ap_vs_epochs.png",
             )  # fmt: skip
 
 

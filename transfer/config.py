@@ -57,9 +57,10 @@ def check_moco_config(cfg: CN) -> None:
 def add_moco_config(cfg: CN) -> None:
     """Add the ``MOCO`` node to ``cfg`` (in place; a second call changes nothing).
 
-    Importing this module registers ``Res5ROIHeadsExtraNorm`` in detectron2's
-    ``ROI_HEADS_REGISTRY`` (select it with ``MODEL.ROI_HEADS.NAME``), ``FCNHead`` in
-    ``SEM_SEG_HEADS_REGISTRY`` and the datasets ``voc_2012_{train_aug,val}_sem_seg``.
+    Importing this module registers the plugin's heads, as detectron2's own do:
+    ``Res5ROIHeadsExtraNorm`` in ``ROI_HEADS_REGISTRY`` (select it with
+    ``MODEL.ROI_HEADS.NAME``) and ``FCNHead`` in ``SEM_SEG_HEADS_REGISTRY``. Datasets are
+    registered by :func:`transfer.datasets.register.register_datasets`, never on import.
     """
     if "MOCO" in cfg:
         return

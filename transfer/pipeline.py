@@ -36,7 +36,7 @@ from moco_pretrain.weights import load_backbone_state_dict
 from .convert import convert_to_detectron2, write_detectron2_pkl
 
 COSTS_FILE = "costs.json"
-SUMMARY_FILE = "summary.json"  # what a pretraining run writes last
+PRETRAIN_SUMMARY = "summary.json"  # what a pretraining run writes last
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -56,6 +56,16 @@ class Pipeline:
         atomic_write_json(self.costs_path, self.costs)
 
     def path(self, out: str | Path) -> Path:
+        """``out`` below the work folder (an absolute ``out`` as it is)."""
+        out = Path(out)
+        if (
+            not out.is_absolute()
+            and self.work.parts
+            and out.parts[: len(self.work.parts)] == (self.work.parts)
+        ):
+            raise ValueError(
+                f"{out} names the work folder {self.work} again: give it relative to it"
+            )
         return self.work / out
 
     def timed(self, step: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -86,7 +96,9 @@ class Pipeline:
         """A MoCo run; its ``summary.json`` (``checkpoint``: the last checkpoint)."""
         from moco_pretrain.pretrain import run_pretraining
 
-        return read_json(self.run(run_pretraining, recipe, out, opts, done=SUMMARY_FILE, step=step))
+        return read_json(
+            self.run(run_pretraining, recipe, out, opts, done=PRETRAIN_SUMMARY, step=step)
+        )
 
     def supervised(
         self, recipe: str, out: str | Path, opts: Sequence[str] = (), *, step: str = "supervised"
