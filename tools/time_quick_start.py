@@ -42,8 +42,8 @@ def time_quick_start(commit: str) -> dict:
                            stdout=log, stderr=subprocess.STDOUT, check=True)  # fmt: skip
         seconds = time.perf_counter() - start
         out = clone / "output/fashion_scenes"
-    costs = out / "costs.json" if (out / "costs.json").is_file() else out / "benchmark.json"
-    steps = json.loads(costs.read_text())["seconds"]  # benchmark.json: commits before the pipeline
+        costs = out / "costs.json" if (out / "costs.json").is_file() else out / "benchmark.json"
+        steps = json.loads(costs.read_text())["seconds"]  # benchmark.json: older commits
     return {"commit": revision, "seconds": round(seconds, 1), "steps": steps,
             "machine": describe_machine("cpu")}  # fmt: skip
 
