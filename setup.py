@@ -25,11 +25,11 @@ setup(
     package_dir={"moco_pretrain._configs": "configs"},
     package_data={"moco_pretrain._configs": ["*.yaml", "*/*.yaml"]},
     install_requires=[
-        # torch 2.4 is the first release whose SGD(fused=True) runs on CPU (2.3.1's
-        # _get_fused_kernels_supported_devices() has no "cpu"); torch.amp.GradScaler(device) is
-        # from 2.3; torchvision 0.19 is 2.4's. The training tests pass on 2.4.0 + 0.19.0.
-        "torch>=2.4",
-        "torchvision>=0.19",
+        # torch 2.6: the (object, "module.name") pairs of torch.serialization.safe_globals, by
+        # which moco-convert reads other projects' plain data as inert records (CI runs the
+        # newest torch); torchvision 0.21 is 2.6's
+        "torch>=2.6",
+        "torchvision>=0.21",
         "fvcore>=0.1.5",
         "iopath>=0.1.9",
         "yacs>=0.1.8",
@@ -39,6 +39,7 @@ setup(
         "pillow>=9.0",
         "matplotlib>=3.6",
         "scipy>=1.10",  # Student-t quantiles and p-values for moco-report's intervals
+        "safetensors>=0.4",  # timm / Hugging Face .safetensors checkpoints for moco-convert
     ],
     extras_require={
         # detectron2 itself is not on PyPI: install it from its official repository (README).

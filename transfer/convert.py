@@ -40,7 +40,7 @@ import torchvision
 
 from moco_pretrain.cli.common import exit_on_user_error
 from moco_pretrain.files import atomic_write
-from moco_pretrain.weights import BackboneWeights, load_backbone_state_dict
+from moco_pretrain.weights import LAYOUTS, BackboneWeights, load_backbone_state_dict
 
 __all__ = [
     "ConversionError",
@@ -129,6 +129,8 @@ def convert_to_detectron2(weights: BackboneWeights, *, arch: str = "resnet50") -
         recorded = weights.meta.get("arch")
         if recorded in ARCHS and recorded != arch:
             problems.insert(0, f"the checkpoint records arch {recorded!r} (pass --arch {recorded})")
+        if "input" in weights.meta:
+            problems.insert(0, f"the {weights.layout} backbone takes {weights.meta['input']}")
         raise ConversionError(
             f"{source} (layout {weights.layout}) is not a {arch} backbone: " + "; ".join(problems)
         )
@@ -149,6 +151,8 @@ def convert_to_detectron2(weights: BackboneWeights, *, arch: str = "resnet50") -
         "converted_as": arch,
         "seed": config.get("SEED"),  # our checkpoints' config; None for others
         "dropped": dropped,  # reason -> source keys dropped by name
+        "ignored": weights.meta.get("ignored", []),  # the file's other entries (optimizer, ...)
+        "input": weights.meta.get("input"),  # an input convention other than mean/std
     }
     return {
         "model": model,
@@ -161,16 +165,14 @@ def convert_to_detectron2(weights: BackboneWeights, *, arch: str = "resnet50") -
 def pretraining_method(weights: BackboneWeights) -> str:
     """How the backbone was trained, as ``moco-report`` matches expected results on it.
 
-    ``moco_v1`` / ``moco_v2`` (the v2 MLP head, ``encoder_q.fc.0`` / ``fc.2``, in the keys, or
-    for a ``--prefix`` checkpoint a recorded config's ``MODEL.MLP``), ``moco_v3``,
-    ``supervised`` (a torchvision-layout classifier: its ``fc`` was dropped), the ``method`` a
-    checkpoint records itself (e.g. ``random-bn``, :mod:`moco_pretrain.controls`), else
-    ``unknown``.
+    The ``method`` a checkpoint records itself (e.g. ``random-bn``,
+    :mod:`moco_pretrain.controls`) or its layout implies (``moco_v1`` / ``moco_v2``: the v2 MLP
+    head, ``encoder_q.fc.0`` / ``fc.2``, in the keys; ``moco_v3``, ``dino``, ``cmc``,
+    ``simclr``), for a ``--prefix`` checkpoint a recorded config's ``MODEL.MLP``, ``supervised``
+    for a torchvision-layout classifier (its ``fc`` was dropped), else ``unknown``.
     """
     if isinstance(weights.meta.get("method"), str):
         return weights.meta["method"]
-    if weights.layout in ("moco_v1", "moco_v2", "moco_v3"):
-        return weights.layout
     if weights.layout == "torchvision" and "classifier" in weights.dropped:
         return "supervised"
     model = weights.meta.get("config", {}).get("MODEL")
@@ -188,12 +190,23 @@ def write_detectron2_pkl(converted: dict[str, Any], path: str | Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moco-convert",
-        description="Convert a MoCo (v1/v2/v3), torchvision or prefixed ResNet checkpoint to a "
-        "Detectron2 .pkl weight file, verifying every backbone tensor.",
+        description="Convert a self-supervised (MoCo, SwAV, DINO, Barlow Twins, VICReg, DenseCL, "
+        "PixPro, mmselfsup, VISSL, solo-learn, lightly, ...), torchvision / timm or prefixed "
+        "ResNet checkpoint to a Detectron2 .pkl weight file, verifying every backbone tensor.",
     )
-    parser.add_argument("input", help="checkpoint (.pth / .pth.tar)")
+    parser.add_argument(
+        "input", help="checkpoint (.pth, .pth.tar, .ckpt, .torch, .bin, .safetensors)"
+    )
     parser.add_argument("output", help="Detectron2 weight file to write (.pkl)")
-    parser.add_argument("--prefix", default=None, help="backbone key prefix, e.g. 'backbone.'")
+    layouts = parser.add_mutually_exclusive_group()
+    layouts.add_argument("--prefix", default=None, help="backbone key prefix, e.g. 'backbone.'")
+    layouts.add_argument(
+        "--layout",
+        default=None,
+        choices=[layout.name for layout in LAYOUTS],
+        help="the source layout instead of detecting it (e.g. simclr_tf, whose keys are "
+        "torchvision's); docs/transfer.md lists them",
+    )
     parser.add_argument("--arch", default="resnet50", choices=ARCHS)
     return parser
 
@@ -204,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.output.endswith(".pkl"):
         parser.error("OUTPUT must end in .pkl (Detectron2 reads it as pickle)")
     with exit_on_user_error("moco-convert"):  # CheckpointLayoutError, ConversionError, no file
-        weights = load_backbone_state_dict(args.input, prefix=args.prefix)
+        weights = load_backbone_state_dict(args.input, prefix=args.prefix, layout=args.layout)
         converted = convert_to_detectron2(weights, arch=args.arch)
     write_detectron2_pkl(converted, args.output)
     prov = converted["provenance"]
@@ -216,6 +229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"converted: {len(converted['model'])} tensors ({args.arch} backbone, all verified)")
     for reason, keys in prov["dropped"].items():
         print(f"skipped:   {len(keys)} {reason} tensors, e.g. {keys[0]}")
+    if prov["ignored"]:
+        print(f"ignored:   the file's other entries {prov['ignored']}")
+    if prov["input"]:
+        print(f"input:     the backbone takes {prov['input']}; set MODEL.PIXEL_MEAN / PIXEL_STD")
     print(f"wrote:     {args.output}")
     return 0
 

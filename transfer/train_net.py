@@ -313,6 +313,21 @@ def weights_provenance(weights: str) -> dict[str, Any] | None:
     return provenance if isinstance(provenance, dict) else None
 
 
+def input_convention_note(
+    weights: str, pixel_mean: Sequence[float], pixel_std: Sequence[float]
+) -> str | None:
+    """A warning when the weights' provenance records an input convention (``moco-convert``:
+    e.g. a SimCLR port's unnormalised [0, 1] RGB) that the detector's normalisation may not
+    match; None for weights without one."""
+    expected = (weights_provenance(weights) or {}).get("input")
+    if not expected:
+        return None
+    return (
+        f"{weights}: the backbone takes {expected}; this run normalises pixels with "
+        f"MODEL.PIXEL_MEAN {list(pixel_mean)} and MODEL.PIXEL_STD {list(pixel_std)}"
+    )
+
+
 def write_trial_results(
     cfg: CfgNode, results: dict[str, Any], *, trial: int, effective: CfgNode, config_file: str
 ) -> Path:
@@ -390,6 +405,9 @@ def run_trial(job: FineTune, trial: int) -> dict[str, Any]:
         load_verified(model, load, weights=cfg.MODEL.WEIGHTS)
     else:
         load()
+    note = input_convention_note(cfg.MODEL.WEIGHTS, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD)
+    if note and comm.is_main_process():
+        logging.getLogger("detectron2").warning(note)
     results = run()
     if comm.is_main_process():
         config_file = Path(job.config_file).resolve()
