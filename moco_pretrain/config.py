@@ -228,12 +228,12 @@ def run_differences(saved: str, current: str, *, unread: tuple[str, ...] = ()) -
     ]
 
 
-def flatten_config(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested config mapping as ``{"SOLVER.BASE_LR": 0.03, ...}``."""
+def flatten_config(tree: dict, prefix: str = "", *, sep: str = ".") -> dict[str, Any]:
+    """A nested config mapping as ``{"SOLVER.BASE_LR": 0.03, ...}`` (keys joined by ``sep``)."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(flatten_config(value, f"{prefix}{key}."))
+            flat.update(flatten_config(value, f"{prefix}{key}{sep}", sep=sep))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
