@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import io
 import json
 import os
@@ -45,7 +44,6 @@ from moco_pretrain.config import augmentation_options, setup_cfg
 from moco_pretrain.engine import AMP_DTYPES, Hook, Runner, Task
 from moco_pretrain.gpu_augment import GpuMocoAugment, device_augment_step
 from moco_pretrain.machine import describe_machine
-from moco_pretrain.models import build_resnet
 from moco_pretrain.pretrain import (
     build_moco,
     build_optimizer,
@@ -295,11 +293,7 @@ def build_runner(
     """``run_pretraining``'s model/optimizer set-up (ours) or the official one (baseline),
     training with ``step``."""
     if official:
-        encoder = functools.partial(build_resnet, cfg.MODEL.ARCH, small_stem=cfg.MODEL.SMALL_STEM)
-        model = OfficialMoCo(
-            encoder, cfg.MODEL.DIM, cfg.MODEL.K, cfg.MODEL.M, cfg.MODEL.T, cfg.MODEL.MLP,
-            bn_splits=cfg.MODEL.BN_SPLITS,
-        ).to(device)  # fmt: skip
+        model = build_moco(cfg, moco_class=OfficialMoCo).to(device)
         optimizer = torch.optim.SGD(
             model.parameters(), scaled_lr(cfg.SOLVER.BASE_LR, cfg.SOLVER.BATCH_SIZE),
             momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY, foreach=False,
