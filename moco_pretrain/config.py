@@ -133,10 +133,11 @@ CHOICES = {
     "SOLVER.LR_SCHEDULE": ("step", "cos"),
     "TRAIN.AMP_DTYPE": ("bf16", "fp16", ""),
 }
-# Keys that count something and need at least one of it.
-POSITIVE = ("SOLVER.BATCH_SIZE", "MODEL.K", "MODEL.BN_SPLITS")
-# Keys that count something and may be 0.
-NON_NEGATIVE = ("DATA.NUM_WORKERS", "DATA.HOLDOUT")
+# Keys that count something, and the least each may be.
+MINIMUM = {
+    "SOLVER.BATCH_SIZE": 1, "MODEL.K": 1, "MODEL.BN_SPLITS": 1, "DATA.NUM_WORKERS": 0,
+    "DATA.HOLDOUT": 0,
+}  # fmt: skip
 
 
 def validate(cfg: CN, *, world_size: int | None = None, pretraining: bool = False) -> None:
@@ -146,14 +147,10 @@ def validate(cfg: CN, *, world_size: int | None = None, pretraining: bool = Fals
     checks of the batch against the queue and the split-BN groups (other tasks ignore both keys).
     """
     problems = []
-    for key in POSITIVE:
+    for key, least in MINIMUM.items():
         value = _value(cfg, key)
-        if value < 1:
-            problems.append(f"{key} is {value}, expected at least 1")
-    for key in NON_NEGATIVE:
-        value = _value(cfg, key)
-        if value < 0:
-            problems.append(f"{key} is {value}, expected 0 or more")
+        if value < least:
+            problems.append(f"{key} is {value}, expected {'at least 1' if least else '0 or more'}")
     for key, choices in CHOICES.items():
         value = _value(cfg, key)
         if value not in choices:
@@ -228,12 +225,12 @@ def run_differences(saved: str, current: str, *, unread: tuple[str, ...] = ()) -
     ]
 
 
-def flatten_config(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested config mapping as ``{"SOLVER.BASE_LR": 0.03, ...}``."""
+def flatten_config(tree: dict, prefix: str = "", *, sep: str = ".") -> dict[str, Any]:
+    """A nested config mapping as ``{"SOLVER.BASE_LR": 0.03, ...}`` (keys joined by ``sep``)."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(flatten_config(value, f"{prefix}{key}."))
+            flat.update(flatten_config(value, f"{prefix}{key}{sep}", sep=sep))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -98,12 +98,7 @@ class AugmentParams:
 
 
 def sample_crops(
-    sizes: torch.Tensor,
-    *,
-    scale: Sequence[float],
-    ratio: Sequence[float] = CROP_RATIO,
-    generator: torch.Generator | None = None,
-    uniforms: torch.Tensor | None = None,
+    sizes: torch.Tensor, *, scale: Sequence[float], uniforms: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``RandomResizedCrop.get_params`` for a batch, without a host round trip.
 
@@ -113,7 +108,7 @@ def sample_crops(
     Args:
         sizes: Nx2 ``(height, width)`` of the original images.
         uniforms: Nx:data:`CROP_DRAWS` float64 numbers in [0, 1) to use instead of drawing them
-            from ``generator``.
+            from torch's global RNG.
     Returns:
         Nx4 float64 ``(top, left, height, width)``, integer-valued.
     """
@@ -121,11 +116,10 @@ def sample_crops(
     height, width = sizes[:, 0:1], sizes[:, 1:2]  # Nx1 each
     n, device = sizes.shape[0], sizes.device
     if uniforms is None:
-        uniforms = torch.rand(
-            n, CROP_DRAWS, generator=generator, device=device, dtype=torch.float64
-        )
+        uniforms = torch.rand(n, CROP_DRAWS, device=device, dtype=torch.float64)
     u = uniforms[:, : 2 * CROP_ATTEMPTS].reshape(n, CROP_ATTEMPTS, 2)  # u: N x attempts x 2
     area = height * width * (scale[0] + (scale[1] - scale[0]) * u[..., 0])  # N x attempts
+    ratio = CROP_RATIO
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])  # N x attempts
     w = torch.round(torch.sqrt(area * aspect))  # round half to even, as Python's round()

@@ -36,9 +36,10 @@ from .models import build_backbone, build_resnet
 from .schedules import scaled_lr
 
 
-def build_moco(cfg: CfgNode) -> MoCo:
+def build_moco(cfg: CfgNode, *, moco_class: type[MoCo] = MoCo) -> MoCo:
+    """``MODEL.*``'s MoCo (``moco_class``: a subclass, e.g. the speed tool's official update)."""
     encoder = functools.partial(build_resnet, cfg.MODEL.ARCH, small_stem=cfg.MODEL.SMALL_STEM)
-    return MoCo(
+    return moco_class(
         encoder,
         cfg.MODEL.DIM,
         cfg.MODEL.K,

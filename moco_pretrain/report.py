@@ -5,47 +5,14 @@ Holm-adjusted p; and each row against its expected numbers.
 
     moco-report supervised=out/voc_sup moco=out/voc_moco random=out/voc_random --output report/
 
-Each ``[LABEL=]DIR`` is one row; its trials are every ``results.json`` below ``DIR`` (written by
-``moco-transfer`` per trial, and by ``moco-knn`` / ``moco-lincls``: ``{"task", "metrics", ...}``).
-Rows are tabulated per task. The supervised and random baselines are ``--supervised`` /
-``--random``, or else the one row whose results record ``init`` "supervised" (then
-"supervised-tv") / "random". Every other row is compared with each baseline, each pair of rows
-once (the supervised row against the random one, not back). The statistics are those of
-:mod:`moco_pretrain.comparison`:
-
-- **Primary metric.** The one metric a study declared before it ran, in its config
-  (``MOCO.PRIMARY_METRIC``, a detectron2 metric key such as ``bbox/AP``), or ``--primary``. Its
-  comparisons are the confirmatory family; the other metrics' comparisons are a second family.
-  Rows of a task that declare different metrics, or a primary metric that no trial reports, are
-  an error. A task without a declaration has no primary metric: all its metrics form one family.
-- **Holm.** Within a family, each analysis (Welch, Welch over backbones, bootstrap, paired) is
-  Holm-corrected over the family's comparisons on its own: the analyses test one hypothesis
-  several ways, so they are not several members of the family.
-- **Backbones.** A trial's backbone is its weights by content (``checkpoint_sha256``, else the
-  weights path or URL); a random-init trial is its own backbone, its init drawn by its seed. A
-  row with several backbones (several pretraining seeds) gets per-backbone means; Welch over
-  backbone means (the calibrated test) and the two-level bootstrap (descriptive: too narrow with
-  few backbones) include the between-backbone variance that Welch's pooled trials miss.
-- **Pairing.** Shown where both rows ran the same recipe apart from the weights
-  (``protocol.recipe_sha256``) on the same trial seeds, so each seed fixed the same data order
-  and init of the new layers on both sides; otherwise a note says why not.
-
-Trials are pooled only when they ran the same recipe (``protocol.recipe_sha256``, the config hash
-without the weights; ``config_sha256`` in files from before it) and ``init``: a row whose trials
-differ is split into one row per protocol, with a note. Trials of one task that record different
-class partitions (``partition``: source and target classes; also some with and some without) are
-refused. A file that cannot be read (truncated, no task or metrics, non-numeric metrics, an
-unknown task, a malformed seed or partition) is named in one line and skipped. Expected numbers
-come from ``configs/expected.yaml`` (or ``--expected``), matched on the trials' recorded config and
-on how their weights were pretrained (``pretraining``); a row further than two combined standard
-errors from numbers checked against their source is flagged with the likeliest causes
-(unverified numbers are shown, never flagged).
-
-Writes ``report.md``, ``report.csv`` and ``report.png`` (bars with ± std error bars, the primary
-metric first) into ``--output``, each replaced atomically and computed from the files alone:
-rerunning never loses or double-counts a trial (a file reached through two rows is an error), and
-the bootstrap is seeded. Bad input is one line and exit status 2, with nothing written. The
-standard deviation is the sample one (n - 1), as the paper's 5-trial std; n = 1 gives none.
+Each ``[LABEL=]DIR`` is one row: every ``results.json`` below ``DIR`` (written per trial by
+``moco-transfer``, and by ``moco-knn`` / ``moco-lincls``) is one trial. The analyses (those of
+:mod:`moco_pretrain.comparison`), the primary metric and the Holm families, backbones, pairing,
+pooling, class partitions, bad files and expected numbers are described in docs/transfer.md,
+section "3. Report". Writes ``report.md``, ``report.csv`` and ``report.png`` into ``--output``,
+each replaced atomically and computed from the files alone (a file reached through two rows is an
+error); bad input is one line and exit status 2, with nothing written. The standard deviation is
+the sample one (n - 1), as the paper's 5-trial std; n = 1 gives none.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ ablations.png into --output. ``KEY VALUE`` pairs after the options apply to ever
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -41,7 +40,7 @@ from moco_pretrain.knn_task import run_knn
 from moco_pretrain.lincls import run_lincls
 from moco_pretrain.models import build_backbone
 from moco_pretrain.results import RESULTS_FILE, read_results
-from transfer.pipeline import Pipeline
+from transfer.pipeline import Pipeline, read_json
 
 KNN = ["KNN.NEIGHBORS", "20", "KNN.TEMPERATURE", "0.1"]
 # A study of the features, scored on the test split as published ones are (it chooses no setting
@@ -67,14 +66,10 @@ ABLATIONS = {
 }
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def raw_pixel_knn(recipe: str, work: Path, opts: list[str]) -> float:
     """kNN top-1 on the 784 raw pixels (cosine, k=20, T=0.1), train split -> test split."""
     path = work / "raw_pixels.json"
-    if (done := _read_json(path)) is None:
+    if not path.is_file():
         cfg = setup_cfg(recipe, [*KNN, *opts])
 
         def pixels(split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +91,7 @@ def raw_pixel_knn(recipe: str, work: Path, opts: list[str]) -> float:
         done = {"task": "knn", "metrics": metrics, "features": "raw pixels", "k": cfg.KNN.NEIGHBORS}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, done)
-    return done["metrics"]["top1"]
+    return read_json(path)["metrics"]["top1"]
 
 
 def linear_classification(pipeline: Pipeline, checkpoint: str, run: str, opts: list[str]) -> dict:

@@ -3,40 +3,12 @@
 
 Both variants train the same model on the same batches with the project's engine
 (:class:`moco_pretrain.engine.Runner` driving :func:`moco_pretrain.pretrain.contrastive_step`),
-alternating in rounds so that a noisy machine slows both alike:
-
-* ``ours``: :func:`moco_pretrain.pretrain.build_moco` as ``run_pretraining`` sets it up (CUDA:
-  fp32 and NCHW by default, ``TRAIN.AMP_DTYPE`` autocast and ``TRAIN.CHANNELS_LAST`` when opted
-  in; CPU: fp32; fused SGD on both; ``TRAIN.COMPILE``), vectorised momentum update, host syncs
-  only every ``TRAIN.LOG_PERIOD``;
-* ``baseline``: what the official ``main_moco.py`` does: fp32, a Python loop over parameters for
-  the momentum update, no channels-last, the single-tensor SGD of its time, and a host sync
-  every iteration (its ``loss.item()``).
-
-Modes: ``model`` feeds one synthetic batch already on the device; ``e2e`` decodes and augments
-``DATA.TRAIN_SPLIT`` of the config's dataset with the CPU recipe (the baseline always does), or
-for ours with ``--aug device``: workers only decode, :mod:`moco_pretrain.gpu_augment` augments.
-``pipeline`` compares ours with itself: ``end_to_end`` (the loader and step exactly as
-``run_pretraining`` builds them from the config) against ``model_only`` (a synthetic batch on the
-device) and against ``unseeded`` (the same loader without the per-sample seeding of
-:class:`moco_pretrain.data.SeededSamples`, as releases before it loaded): how close a recipe runs
-to its model step's speed, and what the seeding costs. Loader workers live for one round here,
-so that no worker of one variant still works while the next variant is timed. Since the seeding's
-cost is far below the noise of whole steps on a shared machine, pipeline mode also times the two
-loaders alone (no model), interleaved, and reports the difference per batch as a share of the
-end-to-end step: the slowdown when loading is serial with the step (no workers), its upper bound
-when workers load in parallel.
-
-Timing: images/s is the steady state, from the time between consecutive optimizer-step ends (CUDA
-events, so no extra host syncs), median over ``--rounds``; the ratio ours/baseline is the median
-of the per-round ratios, each from two runs back to back. A separate instrumented pass (a device
-sync around every part, and torch.profiler for the parts inside MoCo) gives the split in ms per
-step. Peak memory covers building the variant and its ``--warmup`` steps. On a shared CPU,
-``--threads 1`` gives the steadiest figures.
-
-``--profile N`` then runs N more steps of each variant under ``torch.profiler``: the largest
-kernels (CUDA; ops by self time on a CPU) and their share of the total, the fraction of the step
-spent in them, and host syncs per step (CUDA runtime synchronize calls).
+alternating in rounds so that a noisy machine slows both alike. What ``ours`` and ``baseline``
+(what the official ``main_moco.py`` does) each run, the modes (``model``: one synthetic batch on
+the device; ``e2e``: the config's ``DATA.TRAIN_SPLIT`` through the CPU recipe, or for ours with
+``--aug device`` through :mod:`moco_pretrain.gpu_augment`; ``pipeline``: ours end to end against
+its model step and its loader without per-sample seeding), how images/s, the step split, peak
+memory and ``--profile`` are measured, and the measured figures: docs/performance.md.
 
 Examples (the CPU figures in docs/performance.md)::
 
@@ -50,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import io
 import json
 import os
@@ -73,7 +44,6 @@ from moco_pretrain.config import augmentation_options, setup_cfg
 from moco_pretrain.engine import AMP_DTYPES, Hook, Runner, Task
 from moco_pretrain.gpu_augment import GpuMocoAugment, device_augment_step
 from moco_pretrain.machine import describe_machine
-from moco_pretrain.models import build_resnet
 from moco_pretrain.pretrain import (
     build_moco,
     build_optimizer,
@@ -323,11 +293,7 @@ def build_runner(
     """``run_pretraining``'s model/optimizer set-up (ours) or the official one (baseline),
     training with ``step``."""
     if official:
-        encoder = functools.partial(build_resnet, cfg.MODEL.ARCH, small_stem=cfg.MODEL.SMALL_STEM)
-        model = OfficialMoCo(
-            encoder, cfg.MODEL.DIM, cfg.MODEL.K, cfg.MODEL.M, cfg.MODEL.T, cfg.MODEL.MLP,
-            bn_splits=cfg.MODEL.BN_SPLITS,
-        ).to(device)  # fmt: skip
+        model = build_moco(cfg, moco_class=OfficialMoCo).to(device)
         optimizer = torch.optim.SGD(
             model.parameters(), scaled_lr(cfg.SOLVER.BASE_LR, cfg.SOLVER.BATCH_SIZE),
             momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY, foreach=False,
@@ -361,8 +327,8 @@ def most_steps(args: argparse.Namespace) -> int:
 
 
 def one_round_workers(loader: DataLoader, *, dataset=None, sampler=None) -> DataLoader:
-    """``loader`` with workers that end with each round (not persistent), optionally over another
-    dataset and sampler."""
+    """``loader`` with workers that end with each round (not persistent), so that no worker of one
+    variant still works while the next is timed; optionally over another dataset and sampler."""
     return DataLoader(
         loader.dataset if dataset is None else dataset,
         batch_size=loader.batch_size,
@@ -423,8 +389,10 @@ def loader_seconds_per_batch(loader: DataLoader, batches: int, epoch: int) -> fl
 def seeding_cost(
     variants: dict[str, dict[str, Any]], results: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
-    """The seeded and unseeded loaders alone, alternating for ``--rounds``: medians in ms per
-    batch, and their difference as a share of the end-to-end step."""
+    """The seeded and unseeded loaders alone (the seeding costs far less than the noise of whole
+    steps on a shared machine), alternating for ``--rounds``: medians in ms per batch, and their
+    difference as a share of the end-to-end step: the slowdown when loading is serial with the
+    step (no workers), its upper bound when workers load in parallel."""
     seconds: dict[str, list[float]] = {"end_to_end": [], "unseeded": []}
     for round_index in range(args.rounds):
         order = list(seconds) if round_index % 2 == 0 else list(reversed(seconds))

@@ -150,11 +150,6 @@ def check_partition(work: Path, partition: dict[str, list]) -> None:
         atomic_write_json(path, partition)
 
 
-def source_check(checkpoint: str | Path, source: list[str]):
-    """The pipeline's conversion check: a ResNet-18 pretrained on exactly the ``source`` classes."""
-    return partial(check_source, checkpoint=checkpoint, source=source)
-
-
 def check_source(provenance: dict[str, Any], *, checkpoint: str | Path, source: list[str]) -> None:
     """Refuse a backbone whose record does not show it pretrained on exactly ``source``: its
     trials would claim a class-disjoint transfer they did not make."""
@@ -311,12 +306,13 @@ def run(args: argparse.Namespace) -> None:
         ResNet-18 of the source classes)."""
         return {
             s: pipeline.convert(c, f"weights/{row}_seed{s}.pkl", arch=ARCH,
-                                check=source_check(c, partition["source"]))
+                                check=partial(check_source, checkpoint=c,
+                                              source=partition["source"]))
             for s, c in checkpoints.items()
         }  # fmt: skip
 
-    def trained(train, recipe: str, folder: str, opts: list[str], step: str) -> dict[int, Path]:
-        """Per pretraining seed, ``train(recipe, folder/seed_S, opts + SEED)``'s checkpoint."""
+    def trained(train, recipe: str, folder: str, opts: list[str], step: str) -> dict[int, Any]:
+        """Per pretraining seed, ``train(recipe, folder/seed_S, opts + SEED)``: a pipeline step."""
         return {
             s: train(recipe, f"{folder}/seed_{s}", [*opts, "SEED", str(s)], step=f"{step}/seed_{s}")
             for s in seeds
@@ -331,16 +327,18 @@ def run(args: argparse.Namespace) -> None:
         ),
     )
     if args.controls:
+        from moco_pretrain.controls import RANDOM_BN_FILE, run_random_bn
+
         no_eval = ["KNN.FINAL", "False", "KNN.MONITOR_PERIOD", "0"]
         m0 = [*moco_opts, *no_eval, "MODEL.M", "0.0"]
+        random_bn = partial(pipeline.run, run_random_bn, done=RANDOM_BN_FILE)  # its checkpoint
         pkls["random_bn"] = convert(
             "random_bn",
-            trained(calibrated_random(pipeline), PRETRAIN_RECIPE, "random_bn", moco_opts,
-                    "controls/random_bn"),
-        )  # fmt: skip
+            trained(random_bn, PRETRAIN_RECIPE, "random_bn", moco_opts, "controls/random_bn"),
+        )
+        m0_runs = trained(pipeline.pretrain, PRETRAIN_RECIPE, "moco_m0", m0, "controls/moco_m0")
         pkls["moco_m0"] = convert(
-            "moco_m0",
-            trained(last_checkpoint(pipeline), PRETRAIN_RECIPE, "moco_m0", m0, "controls/moco_m0"),
+            "moco_m0", {s: Path(summary["checkpoint"]) for s, summary in m0_runs.items()}
         )
     curve = (
         epoch_curve_weights(pipeline, args, moco_opts, partition["source"])
@@ -409,26 +407,6 @@ def run(args: argparse.Namespace) -> None:
             )  # fmt: skip
 
 
-def calibrated_random(pipeline: Pipeline):
-    """The BN-calibrated random-init control as a pipeline step (its checkpoint)."""
-    from moco_pretrain.controls import RANDOM_BN_FILE, run_random_bn
-
-    def train(recipe: str, out: str, opts: list[str], *, step: str) -> Path:
-        pipeline.run(run_random_bn, recipe, out, opts, done=RANDOM_BN_FILE, step=step)
-        return pipeline.path(out) / RANDOM_BN_FILE
-
-    return train
-
-
-def last_checkpoint(pipeline: Pipeline):
-    """A MoCo run as a pipeline step that returns its last checkpoint."""
-
-    def train(recipe: str, out: str, opts: list[str], *, step: str) -> Path:
-        return Path(pipeline.pretrain(recipe, out, opts, step=step)["checkpoint"])
-
-    return train
-
-
 def epoch_curve_weights(
     pipeline: Pipeline, args: argparse.Namespace, moco_opts: list[str], source: list[str]
 ) -> dict[int, Path]:
@@ -443,7 +421,8 @@ def epoch_curve_weights(
     for e in epochs:
         checkpoint = checkpointer.path_for(e - 1)
         weights[e] = pipeline.convert(checkpoint, f"weights/moco_curve_ep{e}.pkl", arch=ARCH,
-                                      check=source_check(checkpoint, source))  # fmt: skip
+                                      check=partial(check_source, checkpoint=checkpoint,
+                                                    source=source))  # fmt: skip
     return weights
 
 

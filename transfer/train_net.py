@@ -65,6 +65,7 @@ from fvcore.nn.precise_bn import get_bn_modules
 from torch import nn
 
 from moco_pretrain.cli.common import exit_on_user_error
+from moco_pretrain.config import flatten_config
 from moco_pretrain.files import file_sha256
 from moco_pretrain.recipes import config_root, resolve_config_file
 from moco_pretrain.results import RESULTS_FILE, write_results
@@ -227,16 +228,6 @@ def _detach_previous_trial_logs() -> None:
             handler.close()
 
 
-def _flatten(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    flat = {}
-    for key, value in results.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = float(value)
-    return flat
-
-
 # Settings that change how a run is logged, stored or fed, not what it learns or how it is scored.
 NOT_PROTOCOL = {
     "SEED": None, "OUTPUT_DIR": None, "VIS_PERIOD": None, "CUDNN_BENCHMARK": None,
@@ -341,10 +332,12 @@ def write_trial_results(
     weights = cfg.MODEL.WEIGHTS  # "" for random init, or a URL (detectron2://...): no hash
     sha256 = file_sha256(weights) if os.path.isfile(weights) else None
     semantic = cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor"
+    # e.g. "bbox/AP50", "segm/AP", "keypoints/AP", "sem_seg/mIoU"
+    metrics = {k: float(v) for k, v in flatten_config(results, sep="/").items()}
     return write_results(
         cfg.OUTPUT_DIR,
         task="sem_seg" if semantic else "detection",
-        metrics=_flatten(results),  # e.g. "bbox/AP50", "segm/AP", "keypoints/AP", "sem_seg/mIoU"
+        metrics=metrics,
         config=yaml.safe_load(cfg.dump()),
         weights={"checkpoint": weights, "checkpoint_sha256": sha256},
         config_file=config_file,

@@ -40,9 +40,7 @@ __all__ = [
     "rle_decode",
     "rle_encode",
     "scene_datasets",
-    "scene_keypoint_datasets",
     "scene_options",
-    "scene_sem_seg_datasets",
     "write_keypoint_annotations",
     "write_semantic_labels",
 ]
@@ -309,10 +307,13 @@ def build_fashion_scenes(
     return summary
 
 
-def scene_datasets(root: str | Path, prefix: str = "fashion_scenes") -> list[tuple[str, str, str]]:
-    """``MOCO.DATASETS.COCO`` entries ``(name, json_file, image_root)`` for the three splits."""
+def scene_datasets(
+    root: str | Path, prefix: str = "fashion_scenes", *, suffix: str = ""
+) -> list[tuple[str, str, str]]:
+    """``MOCO.DATASETS.COCO`` entries ``(name, json_file, image_root)`` for the three splits, the
+    JSON files ``<split><suffix>.json`` (``"_keypoints"``: the keypoint variant's)."""
     root = Path(root)
-    return [(f"{prefix}_{s}", str(root / f"{s}.json"), str(root / s)) for s in SPLITS]
+    return [(f"{prefix}_{s}", str(root / f"{s}{suffix}.json"), str(root / s)) for s in SPLITS]
 
 
 def write_semantic_labels(root: str | Path) -> None:
@@ -363,22 +364,6 @@ def write_keypoint_annotations(root: str | Path) -> None:
         atomic_write(root / f"{split}_keypoints.json", lambda f, d=data: f.write(d))
 
 
-def scene_sem_seg_datasets(
-    root: str | Path, prefix: str = "fashion_scenes_sem_seg"
-) -> list[tuple[str, str, str, str]]:
-    """``MOCO.DATASETS.SEM_SEG`` entries ``(name, image_root, label_root, "")`` per split."""
-    root = Path(root)
-    return [(f"{prefix}_{s}", str(root / s), str(root / f"{s}_sem_seg"), "") for s in SPLITS]
-
-
-def scene_keypoint_datasets(
-    root: str | Path, prefix: str = "fashion_scenes_keypoints"
-) -> list[tuple[str, str, str]]:
-    """``MOCO.DATASETS.COCO`` entries ``(name, json_file, image_root)`` of the keypoint files."""
-    root = Path(root)
-    return [(f"{prefix}_{s}", str(root / f"{s}_keypoints.json"), str(root / s)) for s in SPLITS]
-
-
 def _semantic_labels_complete(root: Path) -> bool:
     """Every split has one label PNG per scene (an interrupted write leaves fewer)."""
     for split in SPLITS:
@@ -403,8 +388,12 @@ def scene_options(task: str, scenes: str | Path, split: str) -> list[str]:
     if task == "sem_seg":
         if not _semantic_labels_complete(scenes):
             write_semantic_labels(scenes)
+        datasets = [  # MOCO.DATASETS.SEM_SEG: (name, image_root, label_root, "") per split
+            (f"fashion_scenes_sem_seg_{s}", str(scenes / s), str(scenes / f"{s}_sem_seg"), "")
+            for s in SPLITS
+        ]
         return [
-            "MOCO.DATASETS.SEM_SEG", str(scene_sem_seg_datasets(scenes)),
+            "MOCO.DATASETS.SEM_SEG", str(datasets),
             "MOCO.DATASETS.SEM_SEG_CLASSES", str(["background", *classes]),
             "MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(len(classes) + 1),
             "DATASETS.TEST", f"('fashion_scenes_sem_seg_{split}',)",
@@ -413,7 +402,8 @@ def scene_options(task: str, scenes: str | Path, split: str) -> list[str]:
         if not all((scenes / f"{s}_keypoints.json").is_file() for s in SPLITS):
             write_keypoint_annotations(scenes)
         return [
-            "MOCO.DATASETS.COCO", str(scene_keypoint_datasets(scenes)),
+            "MOCO.DATASETS.COCO", str(scene_datasets(scenes, "fashion_scenes_keypoints",
+                                                     suffix="_keypoints")),
             "MOCO.DATASETS.KEYPOINT_NAMES", str(list(KEYPOINT_NAMES)),
             "MOCO.DATASETS.KEYPOINT_FLIP_MAP", str([list(p) for p in KEYPOINT_FLIP_MAP]),
             "MODEL.ROI_HEADS.NUM_CLASSES", str(len(classes)),
