@@ -114,6 +114,16 @@ def _t_test(diff: float, se: float, dof: float, confidence: float) -> Difference
     return Difference(diff, diff - half, diff + half, _verdict(diff - half, diff + half), p)
 
 
+def mean_interval(values: Sequence[float], *, confidence: float = 0.95) -> tuple[float, float]:
+    """The t interval of the mean of ``values``: mean ± t_{n-1} std / sqrt(n) (NaN both for
+    fewer than two values)."""
+    sample = Sample.of(values)
+    if sample.n < 2 or math.isnan(sample.std):
+        return math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + confidence / 2, sample.n - 1)) * sample.std / math.sqrt(sample.n)
+    return sample.mean - half, sample.mean + half
+
+
 def welch(row: Sample, baseline: Sample, *, confidence: float = 0.95) -> Difference:
     """Welch's interval and p for ``row.mean - baseline.mean``.
 

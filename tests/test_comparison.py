@@ -15,6 +15,7 @@ from moco_pretrain.comparison import (
     Sample,
     bootstrap_p,
     holm,
+    mean_interval,
     pair,
     paired_t,
     resample_two_level,
@@ -156,3 +157,11 @@ def test_rows_of_several_backbones_pair_by_pretraining_seed_else_over_backbone_m
         Observation(o.value, o.backbone, o.seed, o.pretraining_seed + 2) for o in baseline
     ]
     assert pair(row, other_seeds) == (differences, how)
+
+
+def test_mean_interval_is_the_t_interval_of_the_mean():
+    values = [31.2, 29.8, 33.5, 30.1]
+    low, high = mean_interval(values)
+    expected = stats.t.interval(0.95, 3, loc=np.mean(values), scale=stats.sem(values))
+    assert (low, high) == pytest.approx(expected, rel=1e-12)
+    assert all(math.isnan(v) for v in mean_interval([1.0]))

@@ -32,8 +32,18 @@ output exists, so an interrupted run resumes where it stopped:
    with ``--controls``, ``controls/report.md`` beside it: each control against MoCo and random
    init.
 
-``--eval-split val`` scores the validation scenes instead of the test scenes (for choosing
-settings). ``--task sem_seg`` fine-tunes the paper's FCN on the scenes' per-pixel labels instead
+Any COCO-format dataset and any checkpoint take the same steps, trial seeds, reports and
+intervals: ``--dataset DIR`` (:mod:`transfer.datasets.coco`: ``train/val/test.json``, or one
+``annotations.json`` split with ``--data-seed``) compares random init with one row per ``--weights
+NAME=FILE`` (any layout ``moco-convert`` reads, converted with ``--arch``; a row named
+``supervised`` is the supervised baseline), fine-tuned with
+``detection/coco_format_R_FPN_{pretrained,random}.yaml`` (Mask R-CNN when every annotation has a
+mask, else boxes only). For the embedded scenes and any dataset, ``--label-fractions F ...``
+fine-tunes on nested, seeded subsets of the training images (the same for every row, the full
+schedule for each) and charts each AP against the fraction, and ``--frozen`` is the
+frozen-backbone probe (``FREEZE_AT`` 5, frozen BN: only FPN and heads train), run and reported
+apart (``*-frozen``). ``--eval-split val`` scores the validation scenes instead of the test
+scenes (for choosing settings). ``--task sem_seg`` fine-tunes the paper's FCN on the scenes' per-pixel labels instead
 (``segmentation/fashion_scenes_R_18_FCN_*.yaml``, mIoU), ``--task keypoints`` Keypoint R-CNN on
 each garment's extreme points (keypoint AP); runs and reports go to ``<task>/<schedule>/`` and
 ``report/<task>/<schedule>/``. Without detectron2 it runs step 2, prints the feature-level
@@ -48,20 +58,24 @@ import importlib.util
 import json
 import math
 import shlex
-import statistics
 import sys
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from moco_pretrain.checkpoint import Checkpointer
 from moco_pretrain.cli.common import exit_on_user_error
+from moco_pretrain.comparison import Sample, mean_interval
 from moco_pretrain.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
 from moco_pretrain.files import atomic_write, atomic_write_json
 from moco_pretrain.pretrain import feature_comparison
 from moco_pretrain.recipes import resolve_config_file
 from moco_pretrain.results import RESULTS_FILE, read_results
+from moco_pretrain.weights import load_backbone_state_dict
 
+from .convert import ARCHS, convert_to_detectron2
+from .datasets.coco import CocoDataset, check_fractions, prepare_coco_dataset
 from .datasets.scenes import SUMMARY_FILE, build_fashion_scenes, scene_classes, scene_options
 from .pipeline import Pipeline
 
@@ -94,6 +108,8 @@ CONTROL_ROWS = {
     "random_bn": ("random init, BN calibrated (control)", "moco", "random-bn"),
     "moco_m0": ("MoCo v2, m 0 (control)", "moco", "moco"),  # labels hold no "="
 }
+USER_RECIPE = "detection/coco_format_R_FPN_{init}.yaml"  # --dataset rows: pretrained, random
+SUPERVISED_LABEL = ROWS["sup"][0]  # a --weights row of this name is the supervised baseline
 SCHEDULES = {"short": 1, "long": 3}  # factor on the config's SOLVER.MAX_ITER and SOLVER.STEPS
 PARTITION_FILE = "partition.json"
 DETECTRON2_INSTALL = (
@@ -243,6 +259,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrain-opts", default="", help="KEY VALUE overrides of the MoCo run")
     parser.add_argument("--supervised-opts", default="", help="KEY VALUE overrides, supervised run")
     parser.add_argument("--name", default="", help="suffix of the fine-tune folders (sweeps)")
+    parser.add_argument(
+        "--dataset", type=Path, default=None,
+        help="a COCO-format dataset folder (train/val/test.json, or one annotations.json) "
+        "instead of the embedded scenes; rows: random init and --weights",
+    )  # fmt: skip
+    parser.add_argument(
+        "--weights", nargs="+", type=parse_weights, default=[], metavar="NAME=FILE",
+        help="with --dataset: a row per checkpoint (any layout moco-convert reads); a row named"
+        f" {SUPERVISED_LABEL!r} is the supervised baseline",
+    )  # fmt: skip
+    parser.add_argument("--arch", choices=ARCHS, default="resnet50", help="with --dataset")
+    parser.add_argument(
+        "--label-fractions", type=float, nargs="+", default=[1.0], metavar="F",
+        help="nested, seeded subsets of the training images (the same for every row), each"
+        " fine-tuned with the full schedule; a chart of AP against the fraction",
+    )  # fmt: skip
+    parser.add_argument(
+        "--data-seed", type=int, default=0,
+        help="the seed of the label-fraction subsets and of a single annotations.json's split",
+    )  # fmt: skip
+    parser.add_argument(
+        "--frozen", action="store_true",
+        help="frozen-backbone probe: the ResNet frozen (FREEZE_AT 5, frozen BN), only FPN and "
+        "heads train; its own folders and reports (*-frozen), never pooled with fine-tuning",
+    )  # fmt: skip
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE, every fine-tune")
     return parser
 
@@ -258,26 +299,205 @@ def check_arguments(args: argparse.Namespace) -> None:
             "--pretrained replaces the MoCo pretraining: it takes no --pretrain-seeds above 1,"
             " --controls or --epoch-curve"
         )
+    args.label_fractions = check_fractions(args.label_fractions)
+    if args.task != "detection" and args.label_fractions != [1.0]:
+        raise ValueError(f"--label-fractions: the {args.task} task trains on all labels")
+    if args.dataset is None:
+        if args.weights:
+            raise ValueError(
+                "--weights rows need --dataset (the embedded benchmark builds its own)"
+            )
+        return
+    embedded_only = {
+        "--pretrained": args.pretrained, "--controls": args.controls,
+        "--epoch-curve": args.epoch_curve, "--pretrain-seeds": args.pretrain_seeds > 1,
+        "--task": args.task != "detection",
+    }  # fmt: skip
+    given = [option for option, value in embedded_only.items() if value]
+    if given:
+        raise ValueError(f"--dataset compares --weights rows with random init: {given} belong to"
+                         " the embedded benchmark")  # fmt: skip
+    names = [slug(name) for name, _ in args.weights]
+    if len(set(names)) != len(names) or "random" in names:
+        raise ValueError("--weights: row names must be distinct (as folder names) and not random")
+
+
+def parse_weights(text: str) -> tuple[str, Path]:
+    """``NAME=FILE`` of ``--weights``."""
+    name, sep, file = text.partition("=")
+    if not (sep and name and file):
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE, got {text!r}")
+    return name, Path(file)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row of the comparison: its label, fine-tuning recipe and initialisation."""
+
+    label: str
+    recipe: str
+    init: str  # MOCO.INIT
+    weights: dict[int, Path] | None = None  # Detectron2 weights per pretraining seed; None: random
+    main: bool = True  # fine-tuned on every schedule and label fraction (a control: short, all)
+
+
+def depth_options(arch: str) -> list[str]:
+    """``MODEL.RESNETS`` overrides for a torchvision ``arch`` (BasicBlock depths need 64)."""
+    depth = int(arch.removeprefix("resnet"))
+    return ["MODEL.RESNETS.DEPTH", str(depth),
+            "MODEL.RESNETS.RES2_OUT_CHANNELS", "64" if depth < 50 else "256"]  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> None:
     work: Path = args.work_dir
-    partition = partition_of(args)
     has_detectron2 = importlib.util.find_spec("detectron2") is not None
-    recipe_opts = [
-        "MOCO.PARTITION.SOURCE", str(partition["source"]),
-        "MOCO.PARTITION.TARGET", str(partition["target"]), *args.opts,
-    ]  # fmt: skip
-    if has_detectron2:  # bad fine-tuning values fail now, before hours of pretraining
-        for suffix in ("moco", "sup", "random"):
-            recipe_cfg(RECIPES[args.task].format(init=suffix), recipe_opts)
-    work.mkdir(parents=True, exist_ok=True)
-    check_partition(work, partition)
-    pipeline = Pipeline(work, command=shlex.join(["moco-benchmark", *sys.argv[1:]]))
+    command = shlex.join(["moco-benchmark", *sys.argv[1:]])
+    if args.dataset is not None:
+        if not has_detectron2:
+            raise ValueError(f"--dataset needs detectron2; install it with: {DETECTRON2_INSTALL}")
+        rows, dataset, pipeline = dataset_rows(args, work, command)
+        base_opts = [*device_options(), *depth_options(args.arch)]
+        seeds, title, scene_opts = range(1), str(args.dataset), None
+        curve: dict[int, Path] = {}
+    else:
+        partition = partition_of(args)
+        recipe_opts = [
+            "MOCO.PARTITION.SOURCE", str(partition["source"]),
+            "MOCO.PARTITION.TARGET", str(partition["target"]), *args.opts,
+        ]  # fmt: skip
+        if has_detectron2:  # bad fine-tuning values fail now, before hours of pretraining
+            for suffix in ("moco", "sup", "random"):
+                recipe_cfg(RECIPES[args.task].format(init=suffix), recipe_opts)
+        work.mkdir(parents=True, exist_ok=True)
+        check_partition(work, partition)
+        pipeline = Pipeline(work, command=command)
+        built = embedded_rows(args, pipeline, partition, has_detectron2)
+        if built is None:
+            return
+        rows, curve, scenes = built
+        base_opts, seeds = recipe_opts[:4], range(args.pretrain_seeds)  # the partition
+        dataset, scene_opts = None, None  # the scenes' detection files are a COCO dataset
+        if args.task == "detection":
+            dataset = prepare_coco_dataset(scenes, work / "fractions", tag="fashion_scenes",
+                                           fractions=args.label_fractions)  # fmt: skip
+        else:
+            scene_opts = scene_options(args.task, scenes, args.eval_split)
+        title = (f"Fashion-MNIST scenes, {args.task}, source {partition['source']}, target"
+                 f" {partition['target']}")  # fmt: skip
+        default_partition = partition == partition_of(build_parser().parse_args([]))
+    task_dir = TASK_DIRS[args.task]
+    fractions = args.label_fractions
+    by_fraction = fractions != [1.0]
+
+    def fine_tune(recipe: str, folder: Path, pkl: Path | None, trials: int, *, init: str,
+                  schedule: str, data: list[str], step: str) -> None:  # fmt: skip
+        tail = [*frozen_options(args.frozen), *args.opts]
+        opts = [*data, *base_opts, "MOCO.INIT", init, *tail]
+        opts += scaled_schedule(recipe, SCHEDULES[schedule], [*base_opts, *tail])
+        pipeline.fine_tune(recipe, folder, weights=pkl, trials=trials, opts=opts, step=step)
+
+    for schedule in args.schedules:
+        run_name = (schedule + ("-val" if args.eval_split == "val" else "")
+                    + ("-frozen" if args.frozen else "") + args.name)  # fmt: skip
+        step = run_name if args.task == "detection" else f"{task_dir}/{run_name}"
+        short = schedule == "short"  # the long schedule: main rows, first pretraining seed
+        output = Path("report", step)
+        fraction_folders: dict[float, dict[str, Path]] = {}
+        for fraction in fractions:
+            data = dataset.options(fraction, eval_split=args.eval_split) if dataset else scene_opts
+            base = Path(task_dir, run_name, *([f"f{fraction:g}"] if by_fraction else []))
+            full = fraction == fractions[-1]
+            report_rows = []
+            for key, row in rows.items():
+                if not row.main and not (short and full):
+                    continue
+                out = base / key
+                runs = [(out, None, args.trials * (len(seeds) if short else 1))]
+                if row.weights is not None:
+                    used = sorted(row.weights) if short else sorted(row.weights)[:1]
+                    runs = [(out / f"seed_{s}", row.weights[s], args.trials) for s in used]
+                for folder, pkl, trials in runs:
+                    fine_tune(row.recipe, folder, pkl, trials, init=row.init, schedule=schedule,
+                              data=data, step=f"fine_tune/{step}/{key}")  # fmt: skip
+                report_rows.append((row.label, work / out))
+            fraction_folders[fraction] = {label: folder for label, folder in report_rows}
+            where = output / f"f{fraction:g}" if by_fraction else output
+            print(f"\n# {title}; {schedule} schedule, {args.eval_split} split"
+                  + (f", {fraction:g} of the training labels" if by_fraction else "") + "\n")  # fmt: skip
+            if args.dataset is None:
+                # The protocol's confirmatory comparisons: MoCo against the two baselines, short
+                # schedule, all labels, the default partition, test scenes, fine-tuned end to
+                # end; everything else is secondary.
+                primary = (short and full and args.eval_split == "test" and default_partition
+                           and not args.frozen)  # fmt: skip
+                pipeline.report(report_rows, where, supervised=ROWS["sup"][0],
+                                random=ROWS["random"][0],
+                                confirmatory=[ROWS["moco"][0]] if primary else [])  # fmt: skip
+            else:
+                # Declared here, before any result: every --weights row against random init on
+                # the recipe's primary metric, all labels, short schedule, test split.
+                primary = short and full and args.eval_split == "test" and not args.frozen
+                pretrained = [r.label for r in rows.values() if r.weights is not None]
+                supervised = SUPERVISED_LABEL if SUPERVISED_LABEL in pretrained else None
+                confirmatory = [label for label in pretrained if label != supervised]
+                pipeline.report(report_rows, where, supervised=supervised,
+                                random=ROWS["random"][0],
+                                confirmatory=confirmatory if primary else [])  # fmt: skip
+            if args.controls and short and full:
+                # What a control is for: its contrast with MoCo, the first baseline of this
+                # report (its CSV's *_supervised columns), and with random init; all secondary.
+                folders = dict(report_rows)
+                control_rows = [(ROWS[r][0], folders[ROWS[r][0]]) for r in ("moco", "random")]
+                control_rows += [(label, folders[label]) for label, *_ in CONTROL_ROWS.values()]
+                pipeline.report(control_rows, where / "controls", supervised=ROWS["moco"][0],
+                                random=ROWS["random"][0], confirmatory=[])  # fmt: skip
+        if by_fraction:
+            metrics = ["bbox/AP", "bbox/AP50", "bbox/AP75"]
+            metrics += ["segm/AP"] if dataset is not None and dataset.masks else []
+            for metric in metrics:
+                name = metric.replace("/", "_")
+                plot_curves(
+                    {label: {f: folders[label] for f, folders in fraction_folders.items()}
+                     for label in fraction_folders[fractions[-1]]
+                     if all(label in folders for folders in fraction_folders.values())},
+                    metric=metric, path=work / output / f"{name}_vs_label_fraction.png",
+                    xlabel="fraction of the training labels", spread="ci95",
+                )  # fmt: skip
+        if curve and short:
+            curve_dirs = {}
+            full_data = (dataset.options(fractions[-1], eval_split=args.eval_split) if dataset
+                         else scene_opts)  # fmt: skip
+            for epoch, pkl in curve.items():
+                curve_dirs[epoch] = Path(task_dir, run_name, "epochs", f"epoch_{epoch}")
+                fine_tune(RECIPES[args.task].format(init="moco"), curve_dirs[epoch], pkl,
+                          args.trials, init="moco", schedule=schedule,
+                          data=full_data, step=f"fine_tune/{step}/epochs")  # fmt: skip
+            metric = recipe_cfg(RECIPES[args.task].format(init="moco"), recipe_opts)
+            full_folders = fraction_folders[fractions[-1]]
+            plot_curves(
+                {"MoCo v2, one run": {epoch: work / folder for epoch, folder in curve_dirs.items()}},
+                bands={ROWS[r][0]: full_folders[ROWS[r][0]] for r in ("sup", "random")},
+                metric=metric.MOCO.PRIMARY_METRIC, path=work / output / "ap_vs_epochs.png",
+                xlabel="MoCo pretraining epochs", xscale="log",
+            )  # fmt: skip
+
+
+def frozen_options(frozen: bool) -> list[str]:
+    """``--frozen``: the whole ResNet frozen (``FREEZE_AT`` 5, frozen BN); FPN and heads train."""
+    return ["MODEL.BACKBONE.FREEZE_AT", "5", "MODEL.RESNETS.NORM", "FrozenBN"] if frozen else []
+
+
+def embedded_rows(
+    args: argparse.Namespace, pipeline: Pipeline, partition: dict[str, list], has_detectron2: bool
+) -> tuple[dict[str, Row], dict[int, Path], Path] | None:
+    """The scenes of the target classes and the embedded rows' weights (MoCo, supervised, the
+    controls per pretraining seed) with the epoch curve's; None without detectron2 (after MoCo
+    and its feature comparison)."""
+    work = pipeline.work
     data = ["DATA.ROOT", str(args.data_root)] if args.data_root else []
     source = [*data, "DATA.CLASSES", str(partition["source_ids"])]
+    scenes = work / "scenes"
     if has_detectron2:
-        scenes = work / "scenes"
         counts = {"num_labelled": args.labelled, "num_val": args.val_garments,
                   "num_test": args.test_garments}  # fmt: skip
         if not (scenes / SUMMARY_FILE).is_file():  # rebuilt whole when unfinished
@@ -299,7 +519,7 @@ def run(args: argparse.Namespace) -> None:
             "moco-benchmark: detectron2 is not installed, so the detection benchmark did not run;"
             f" install it with: {DETECTRON2_INSTALL}"
         )
-        return
+        return None
 
     def convert(row: str, checkpoints: dict[int, Path]) -> dict[int, Path]:
         """Per pretraining seed, ``weights/<row>_seedS.pkl`` (one line if a checkpoint is not a
@@ -326,6 +546,10 @@ def run(args: argparse.Namespace) -> None:
             pipeline.supervised, SUPERVISED_RECIPE, "supervised", supervised_opts, "supervised"
         ),
     )
+    rows = {
+        key: Row(label, RECIPES[args.task].format(init=suffix), init, pkls.get(key))
+        for key, (label, suffix, init) in ROWS.items()
+    }
     if args.controls:
         from moco_pretrain.controls import RANDOM_BN_FILE, run_random_bn
 
@@ -340,71 +564,52 @@ def run(args: argparse.Namespace) -> None:
         pkls["moco_m0"] = convert(
             "moco_m0", {s: Path(summary["checkpoint"]) for s, summary in m0_runs.items()}
         )
+        rows |= {
+            key: Row(label, RECIPES[args.task].format(init=suffix), init, pkls[key], main=False)
+            for key, (label, suffix, init) in CONTROL_ROWS.items()
+        }
     curve = (
         epoch_curve_weights(pipeline, args, moco_opts, partition["source"])
         if args.epoch_curve
         else {}
     )
-    scene_opts = [*scene_options(args.task, scenes, args.eval_split), *recipe_opts[:4]]
-    task_dir = TASK_DIRS[args.task]
-    rows = {**ROWS, **(CONTROL_ROWS if args.controls else {})}
-    default_partition = partition == partition_of(build_parser().parse_args([]))
+    return rows, curve, scenes
 
-    def fine_tune(recipe: str, folder: Path, pkl: Path | None, trials: int, *, init: str,
-                  schedule: str, step: str) -> None:  # fmt: skip
-        opts = [*scene_opts, "MOCO.INIT", init, *args.opts]
-        opts += scaled_schedule(recipe, SCHEDULES[schedule], args.opts)
-        pipeline.fine_tune(recipe, folder, weights=pkl, trials=trials, opts=opts, step=step)
 
-    for schedule in args.schedules:
-        run_name = schedule + ("-val" if args.eval_split == "val" else "") + args.name
-        step = run_name if args.task == "detection" else f"{task_dir}/{run_name}"
-        main_only = schedule != "short"  # the long schedule: main rows, first pretraining seed
+def dataset_rows(
+    args: argparse.Namespace, work: Path, command: str
+) -> tuple[dict[str, Row], CocoDataset, Pipeline]:
+    """``--dataset``: random init and one row per ``--weights NAME=FILE``, each file converted
+    with ``--arch``. Every input is checked (the weights converted in memory, the dataset read)
+    before anything is written."""
+    recipe = USER_RECIPE.format(init="pretrained")
+    opts = [*device_options(), *depth_options(args.arch), *frozen_options(args.frozen), *args.opts]
+    for init in ("pretrained", "random"):
+        recipe_cfg(USER_RECIPE.format(init=init), opts)
+    pkls = {name: work / "weights" / f"{slug(name)}.pkl" for name, _ in args.weights}
+    for name, checkpoint in args.weights:
+        if not pkls[name].is_file():
+            convert_to_detectron2(load_backbone_state_dict(checkpoint), arch=args.arch)
+    dataset = prepare_coco_dataset(args.dataset, work / "data", fractions=args.label_fractions,
+                                   seed=args.data_seed)  # fmt: skip
+    pipeline = Pipeline(work, command=command)
+    rows = {"random": Row(ROWS["random"][0], USER_RECIPE.format(init="random"), "random")}
+    for name, checkpoint in args.weights:
+        pkl = pipeline.convert(checkpoint, pkls[name].relative_to(work), arch=args.arch)
+        rows[slug(name)] = Row(name, recipe, "pretrained", {0: pkl})
+    return rows, dataset, pipeline
 
-        report_rows = []
-        for row, (label, suffix, init) in rows.items():
-            if main_only and row not in ROWS:
-                continue
-            recipe = RECIPES[args.task].format(init=suffix)
-            out = Path(task_dir, run_name, row)
-            runs = [(out, None, args.trials * (1 if main_only else len(seeds)))]
-            if row != "random":
-                used = sorted(pkls[row])[:1] if main_only else sorted(pkls[row])
-                runs = [(out / f"seed_{s}", pkls[row][s], args.trials) for s in used]
-            for folder, pkl, trials in runs:
-                fine_tune(recipe, folder, pkl, trials, init=init, schedule=schedule,
-                          step=f"fine_tune/{step}/{row}")  # fmt: skip
-            report_rows.append((label, work / out))
-        curve_dirs = {}
-        if curve and schedule == "short":
-            for epoch, pkl in curve.items():
-                curve_dirs[epoch] = Path(task_dir, run_name, "epochs", f"epoch_{epoch}")
-                fine_tune(RECIPES[args.task].format(init="moco"), curve_dirs[epoch], pkl,
-                          args.trials, init="moco", schedule=schedule,
-                          step=f"fine_tune/{step}/epochs")  # fmt: skip
-        print(f"\n# Fashion-MNIST scenes, {args.task}, {schedule} schedule, {args.eval_split}"
-              f" scenes; source {partition['source']}, target {partition['target']}\n")  # fmt: skip
-        output = Path("report", step)
-        # The protocol's confirmatory comparisons: MoCo against the two baselines, short
-        # schedule, the default partition, test scenes; everything else is secondary.
-        primary_run = schedule == "short" and args.eval_split == "test" and default_partition
-        pipeline.report(report_rows, output, supervised=ROWS["sup"][0], random=ROWS["random"][0],
-                        confirmatory=[ROWS["moco"][0]] if primary_run else [])  # fmt: skip
-        if args.controls and not main_only:
-            # What a control is for: its contrast with MoCo, the first baseline of this report
-            # (its CSV's *_supervised columns), and with random init; all secondary.
-            folder = work / task_dir / run_name
-            control_rows = [(ROWS[r][0], folder / r) for r in ("moco", "random")]
-            control_rows += [(label, folder / r) for r, (label, *_) in CONTROL_ROWS.items()]
-            pipeline.report(control_rows, output / "controls", supervised=ROWS["moco"][0],
-                            random=ROWS["random"][0], confirmatory=[])  # fmt: skip
-        if curve_dirs:
-            metric = recipe_cfg(RECIPES[args.task].format(init="moco"), recipe_opts)
-            plot_epoch_curve(
-                {epoch: work / folder for epoch, folder in curve_dirs.items()},
-                {ROWS[r][0]: work / task_dir / run_name / r for r in ("sup", "random")},
-                metric=metric.MOCO.PRIMARY_METRIC, path=work / output / "ap_vs_epochs.png",
-            )  # fmt: skip
+
+def device_options() -> list[str]:
+    """``MODEL.DEVICE cpu`` on a machine without CUDA (the recipe's default is cuda)."""
+    import torch
+
+    return [] if torch.cuda.is_available() else ["MODEL.DEVICE", "cpu"]
+
+
+def slug(name: str) -> str:
+    """A folder name for a row label."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def epoch_curve_weights(
@@ -426,36 +631,46 @@ def epoch_curve_weights(
     return weights
 
 
-def _primary_values(folder: Path, metric: str) -> list[float]:
+def _values(folder: Path, metric: str) -> list[float]:
     values = [read_results(p)["metrics"].get(metric) for p in sorted(folder.rglob(RESULTS_FILE))]
     return [v for v in values if v is not None and not math.isnan(v)]
 
 
-def plot_epoch_curve(
-    curve: dict[int, Path], bands: dict[str, Path], *, metric: str, path: Path
-) -> None:
-    """``metric`` (mean ± std over trials) of the fine-tunes of each pretraining epoch's
-    checkpoint, with the rows in ``bands`` as horizontal mean ± std bands; a PNG at ``path``."""
+def plot_curves(
+    lines: dict[str, dict[float, Path]], *, metric: str, path: Path, xlabel: str,
+    xscale: str = "linear", bands: dict[str, Path] | None = None, spread: str = "std",
+) -> None:  # fmt: skip
+    """``metric`` over the trials under each folder: per label, one line over x with the trials'
+    mean and ± std (``spread="ci95"``: the 95 % t interval of the mean,
+    :func:`moco_pretrain.comparison.mean_interval`); ``bands`` as horizontal mean ± std bands; a
+    PNG at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def mean_std(values: list[float]) -> tuple[float, float]:
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        return (statistics.fmean(values), std) if values else (math.nan, 0.0)
+    def point(values: list[float]) -> tuple[float, float, float]:
+        sample = Sample.of(values)
+        if spread == "ci95":
+            low, high = mean_interval(values)
+            return sample.mean, sample.mean - low, high - sample.mean
+        std = 0.0 if math.isnan(sample.std) else sample.std
+        return sample.mean, std, std
 
-    epochs = sorted(curve)
-    points = [mean_std(_primary_values(curve[e], metric)) for e in epochs]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (label, folder), colour in zip(bands.items(), ("tab:green", "tab:grey"), strict=False):
-        mean, std = mean_std(_primary_values(folder, metric))
+    for (label, folder), colour in zip(
+        (bands or {}).items(), ("tab:green", "tab:grey"), strict=False
+    ):
+        mean, std, _ = point(_values(folder, metric))
         ax.axhspan(mean - std, mean + std, color=colour, alpha=0.2)
         ax.axhline(mean, color=colour, label=f"{label} (mean ± std)")
-    means, stds = zip(*points, strict=True)
-    ax.errorbar(epochs, means, yerr=stds, marker="o", capsize=3, label="MoCo v2, one run")
-    ax.set(xscale="log", xlabel="MoCo pretraining epochs", ylabel=metric)
-    ax.set_xticks(epochs, [str(e) for e in epochs])
+    for label, folders in lines.items():
+        xs = sorted(folders)
+        means, below, above = zip(*(point(_values(folders[x], metric)) for x in xs), strict=True)
+        ax.errorbar(xs, means, yerr=[below, above], marker="o", capsize=3, label=label)
+    ax.set(xscale=xscale, xlabel=xlabel, ylabel=metric)
+    xs = sorted({x for folders in lines.values() for x in folders})
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
     ax.legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

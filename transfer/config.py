@@ -13,7 +13,7 @@ __all__ = ["INITS", "VOC_CLASSES", "add_moco_config", "check_moco_config", "prod
 
 # The four initialisations of the paper's transfer tables (MoCo, Tables 2 and 5), and a control:
 # random init with BN statistics calibrated on the pretraining images (moco_pretrain.controls).
-INITS = ("supervised", "supervised-tv", "moco", "random", "random-bn")
+INITS = ("supervised", "supervised-tv", "moco", "pretrained", "random", "random-bn")
 # Pascal VOC's 20 classes, in detectron2's (and the VOC devkit's) order.
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -67,8 +67,9 @@ def add_moco_config(cfg: CN) -> None:
     cfg.MOCO = CN()
     # Which initialisation this run uses, one of INITS: "supervised" (detectron2's MSRA weights),
     # "supervised-tv" (torchvision's ImageNet weights converted by moco-convert), "moco" (a MoCo
-    # backbone converted by moco-convert), "random", "random-bn" (the control, converted by
-    # moco-convert). moco-report labels and compares rows by it.
+    # backbone converted by moco-convert), "pretrained" (any other checkpoint converted by
+    # moco-convert; its provenance says how it was trained), "random", "random-bn" (the control,
+    # converted by moco-convert). moco-report labels and compares rows by it.
     cfg.MOCO.INIT = "supervised"
     # Stop before training unless MODEL.WEIGHTS sets every backbone tensor (stem, res2-res5, also
     # res5 inside the C4 ROI head; not the new extra norm). detectron2 itself only warns about
