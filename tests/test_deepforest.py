@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from transfer.datasets.coco import prepare_coco_dataset
 from transfer.datasets.deepforest import (
     SCENES,
+    VAL_SCENE,
     Box,
     build_deepforest_voc,
     find_deepforest_data,
@@ -108,6 +111,34 @@ def test_voc_tree_splits_disjoint_and_counts_every_box(fake_voc):
     patches = list((root / "unlabelled" / "patches").glob("*.png"))
     assert len(patches) == summary["patches"] > 0
     assert all(p.name.rsplit("_", 2)[0] in ids["train"] for p in patches)
+
+
+def test_coco_files_hold_the_voc_boxes_with_the_val_scene_apart(fake_voc, tmp_path):
+    root, summary = fake_voc
+    coco = {s: json.loads((root / f"{s}.json").read_text()) for s in ("train", "val", "test")}
+    names = {s: [Path(im["file_name"]).stem for im in c["images"]] for s, c in coco.items()}
+    voc = {
+        s: (root / "ImageSets" / "Main" / f"{s}.txt").read_text().split() for s in ("train", "test")
+    }
+    assert names["val"] and all(n.startswith(VAL_SCENE) for n in names["val"])
+    assert sorted(names["train"] + names["val"]) == sorted(voc["train"])
+    assert names["test"] == voc["test"]
+    boxes = {s: len(c["annotations"]) for s, c in coco.items()}
+    assert (boxes["train"] + boxes["val"], boxes["test"]) == (
+        summary["boxes"]["train"],
+        summary["boxes"]["test"],
+    )
+    ids = [a["id"] for c in coco.values() for a in c["annotations"]]
+    assert len(set(ids)) == len(ids)
+    for content in coco.values():  # the same boxes as the VOC files (1-based there)
+        for image in content["images"]:
+            xml_path = root / "Annotations" / f"{Path(image['file_name']).stem}.xml"
+            voc_boxes = parse_voc_boxes(xml_path.read_text(), source=str(xml_path))
+            boxes = [a["bbox"] for a in content["annotations"] if a["image_id"] == image["id"]]
+            assert [round(x + 1) for x, *_ in boxes] == [b.xmin for b in voc_boxes]
+    prepared = prepare_coco_dataset(root, tmp_path / "prepared", fractions=[0.5, 1.0])
+    assert prepared.classes == ["tree"] and not prepared.masks
+    assert prepared.images["train"][1] == root  # file_name holds JPEGImages/
 
 
 def test_detectron2_registers_and_evaluates_the_tree(fake_voc):

@@ -9,6 +9,7 @@ import pytest
 
 from tests.test_deepforest import write_fake_scenes
 from tests.tool_loader import load_tool
+from transfer.benchmark import slug
 
 PRETRAIN = (
     "DATA.IMAGE_SIZE 32 SOLVER.EPOCHS 1 SOLVER.BATCH_SIZE 8 MODEL.K 16 MODEL.BN_SPLITS 2 "
@@ -23,43 +24,49 @@ FINE_TUNE = shlex.split(
 
 
 @pytest.mark.slow
-def test_study_fine_tunes_both_inits_over_trials_and_reports(tmp_path):
+def test_study_pretrains_then_benchmarks_both_rows_over_fractions_and_trials(tmp_path):
     pytest.importorskip("detectron2", reason="detectron2 is not installed")
     study = load_tool("deepforest_study")
 
     source = write_fake_scenes(tmp_path / "source")
     work, output = tmp_path / "work", tmp_path / "results"
     argv = [
-        "--source", str(source), "--trials", "2", "--work-dir", str(work), "--output", str(output),
-        "--pretrain-opts", PRETRAIN, *FINE_TUNE,
+        "--source", str(source), "--trials", "2", "--label-fractions", "0.5", "1",
+        "--work-dir", str(work), "--output", str(output), "--pretrain-opts", PRETRAIN, *FINE_TUNE,
     ]  # fmt: skip
     study.main(argv)
 
     summary = json.loads((output / "study.json").read_text())
     assert summary["tiles"]["tiles"]["train"] > 0 and len(summary["moco"]["epochs"]) == 1
-    moco_weights = work / "moco" / "moco_detectron2.pkl"
-    for init in ("random", "moco"):
-        for trial in (0, 1):
-            result = json.loads(
-                (work / f"det_{init}" / f"trial_{trial}" / "results.json").read_text()
-            )
-            assert result["init"] == init and result["seed"] == trial
-            assert {"bbox/AP", "bbox/AP50", "bbox/AP75"} <= set(result["metrics"])
-            weights = result["config"]["MODEL"]["WEIGHTS"]
-            assert weights == (str(moco_weights) if init == "moco" else "")
-    report = (output / "report.md").read_text()
-    assert all(label in report for label in study.ROWS.values())
-    assert (output / "report.png").read_bytes().startswith(b"\x89PNG")
-
+    assert "--dataset" in summary["benchmark_command"]
+    runs = work / "benchmark" / "det" / "short"
+    checkpoint = summary["moco"]["checkpoint"]
+    for fraction in ("0.5", "1"):
+        for row in (
+            "random",
+            slug(study.MOCO_ROW),
+        ):
+            for trial in (0, 1):
+                folder = runs / f"f{fraction}" / row
+                result_file = next(folder.rglob(f"trial_{trial}/results.json"))
+                result = json.loads(result_file.read_text())
+                assert result["seed"] == trial and {"bbox/AP", "bbox/AP50"} <= set(
+                    result["metrics"]
+                )
+                assert result["config"]["MODEL"]["MASK_ON"] is False
+                if row != "random":
+                    assert result["pretraining"]["source"] == checkpoint
+        report = (output / "short" / f"f{fraction}" / "report.md").read_text()
+        assert study.MOCO_ROW in report and "random init" in report
+    assert (output / "short" / "bbox_AP_vs_label_fraction.png").read_bytes().startswith(b"\x89PNG")
     seconds = json.loads((work / "costs.json").read_text())["seconds"]
-    assert set(seconds) == {"tiles", "pretrain", "fine_tune/random", "fine_tune/moco"}
+    assert set(seconds) == {"tiles", "pretrain", "benchmark"}
 
-    # rerun: tiles, pretraining and finished trials are read back, not redone (costs.json records
-    # the latest command)
+    # rerun: tiles, pretraining and finished trials are read back, not redone
     stamps = {
         p: p.stat().st_mtime_ns
         for p in work.rglob("*")
-        if p.suffix in (".pkl", ".json", ".pth") and p.name != "costs.json"
+        if p.suffix in (".pkl", ".pth", ".tar") or p.name == "results.json"
     }
     study.main(argv)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

@@ -1,26 +1,25 @@
-"""DeepForest tree crowns: detection transfer from random init vs in-domain MoCo, over seeds.
+"""DeepForest tree crowns: does in-domain MoCo pretraining help detection, and with how many labels?
 
-One command reproduces results/deepforest/ from scratch (needs detectron2 and the deepforest wheel's
-data, installed without its dependencies; the package is never imported):
+One command reproduces the study from scratch (needs detectron2 and the deepforest wheel's data,
+installed without its dependencies; the package is never imported):
 
     pip install --no-deps deepforest==2.1.0
-    python tools/deepforest_study.py                     # CPU budget: about an hour on 2 cores
+    python tools/deepforest_study.py
 
-Steps (each skipped when its output exists, so an interrupted study resumes):
+Steps (each read back when its output exists, so an interrupted study resumes):
 
-1. ``transfer/datasets/deepforest.py``: 400 px VOC tiles with a fixed train/test split by scene area,
-   plus unlabelled 192 px patches of the train tiles;
-2. MoCo v2 ResNet-50 on those patches (pretrain/deepforest_r50_cpu.yaml): in-domain
+1. ``transfer/datasets/deepforest.py``: 400 px tiles with a fixed split by scene area, as a VOC
+   tree and as COCO files (train / val / test; val is the one-tile OSBS_029 scene), plus
+   unlabelled 192 px patches of the train-area tiles;
+2. MoCo v2 ResNet-50 on those patches (``pretrain/deepforest_r50_cpu.yaml``): in-domain
    self-supervision, no labels;
-3. moco-convert to Detectron2 weights;
-4. moco-transfer: Faster R-CNN R50-C4 (detection/deepforest_R_50_C4_{random,moco}.yaml, the
-   plugin's transfer settings), --trials seeds per initialisation, test AP50/AP/AP75;
-5. moco-report: mean +- std table and chart.
+3. ``moco-benchmark --dataset`` on the COCO files, run as its command: random init against the
+   MoCo row, Faster R-CNN R50-FPN (the tiles have boxes, no masks) with the same settings for
+   both rows, ``--trials`` seeds, each ``--label-fractions`` subset of the training tiles; its
+   reports, per fraction, and the AP-against-fraction charts are copied to ``--output``.
 
-``KEY VALUE`` pairs after the options go to every fine-tune, ``--pretrain-opts`` to the MoCo run
-(e.g. ``MODEL.DEVICE cuda SOLVER.MAX_ITER 3000 ...`` and ``--pretrain-opts "SOLVER.EPOCHS 200"``
-for a GPU budget). The embedded default checkpoint (the Fashion-MNIST demo)
-is a ResNet-18 on 32 px grey clothing: it cannot initialise an R50-C4 and is not a row here.
+``KEY VALUE`` pairs after the options go to every fine-tune (after :data:`FINE_TUNE`, the CPU
+budget), ``--pretrain-opts`` to the MoCo run.
 """
 
 from __future__ import annotations
@@ -28,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,8 +37,20 @@ from transfer.datasets.deepforest import build_deepforest_voc
 from transfer.pipeline import Pipeline
 
 PRETRAIN_RECIPE = "pretrain/deepforest_r50_cpu.yaml"
-DETECTION_RECIPE = "detection/deepforest_R_50_C4_{init}.yaml"
-ROWS = {"random": "random init", "moco": "MoCo v2 (in-domain, unlabelled tiles)"}
+MOCO_ROW = "MoCo v2 (in-domain, unlabelled tiles)"
+# A CPU budget for 400 px tiles of 15-65 px crowns, the same for every row and fraction (the
+# earlier R50-C4 study's: native scale, small anchors, 32 ROIs per image, batch 2, 100 iterations
+# with lr 0.01 and 20 warm-up iterations, x0.1 at 75).
+FINE_TUNE = [
+    "INPUT.MIN_SIZE_TRAIN", "(400,)", "INPUT.MAX_SIZE_TRAIN", "400",
+    "INPUT.MIN_SIZE_TEST", "400", "INPUT.MAX_SIZE_TEST", "400",
+    "MODEL.ANCHOR_GENERATOR.SIZES", "[[16], [32], [64], [128], [256]]",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN", "500", "MODEL.RPN.POST_NMS_TOPK_TEST", "150",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "TEST.DETECTIONS_PER_IMAGE", "150",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.01", "SOLVER.WARMUP_ITERS", "20",
+    "SOLVER.MAX_ITER", "100", "SOLVER.STEPS", "(75,)", "TEST.PRECISE_BN.NUM_ITER", "10",
+    "DATALOADER.NUM_WORKERS", "1",
+]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,10 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--source", default=None, help="deepforest wheel or folder (default: installed)"
     )
-    parser.add_argument("--trials", type=int, default=3, help="seeds per initialisation")
+    parser.add_argument("--trials", type=int, default=3, help="seeds per row and fraction")
+    parser.add_argument(
+        "--label-fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0], metavar="F"
+    )
     parser.add_argument("--pretrain-opts", default="", help="KEY VALUE overrides of the MoCo run")
     parser.add_argument("--work-dir", type=Path, default=Path("output/study/deepforest"))
-    parser.add_argument("--output", type=Path, default=Path("results/deepforest"))
+    parser.add_argument("--output", type=Path, default=Path("results/deepforest_fractions"))
     parser.add_argument(
         "opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides, every fine-tune"
     )
@@ -60,25 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     pipeline = Pipeline(args.work_dir, command=shlex.join(sys.argv))
-    voc = pipeline.path("voc")
-    if not (voc / "summary.json").is_file():
-        pipeline.timed("tiles", build_deepforest_voc, voc, args.source)
-    summary = {"tiles": json.loads((voc / "summary.json").read_text())}
+    tiles = pipeline.path("voc")
+    if not (tiles / "summary.json").is_file():
+        pipeline.timed("tiles", build_deepforest_voc, tiles, args.source)
+    summary = {"tiles": json.loads((tiles / "summary.json").read_text())}
     # MoCo on the unlabelled train patches: in-domain self-supervision, no labels
-    opts = ["DATA.ROOT", str(voc), *shlex.split(args.pretrain_opts)]
+    opts = ["DATA.ROOT", str(tiles), *shlex.split(args.pretrain_opts)]
     moco = pipeline.pretrain(PRETRAIN_RECIPE, "moco", opts)
     summary["moco"] = {k: moco[k] for k in ("epochs", "train_seconds", "checkpoint")}
-    weights = pipeline.convert(moco["checkpoint"], "moco/moco_detectron2.pkl")
-    datasets = f"[('deepforest_train', '{voc}', 'train'), ('deepforest_test', '{voc}', 'test')]"
-    rows = [
-        (label, pipeline.fine_tune(
-            DETECTION_RECIPE.format(init=init), f"det_{init}", trials=args.trials,
-            weights=weights if init == "moco" else None,
-            opts=["MOCO.DATASETS.VOC", datasets, *args.opts], step=f"fine_tune/{init}",
-        ))
-        for init, label in ROWS.items()
+    benchmark = pipeline.path("benchmark")
+    command = [
+        "moco-benchmark", "--dataset", str(tiles), "--work-dir", str(benchmark),
+        "--weights", f"{MOCO_ROW}={moco['checkpoint']}", "--arch", "resnet50",
+        "--trials", str(args.trials), "--label-fractions", *map(str, args.label_fractions),
+        "--data-seed", "0", *FINE_TUNE, *args.opts,
     ]  # fmt: skip
-    pipeline.report(rows, args.output.resolve(), random=ROWS["random"])
+    pipeline.timed("benchmark", subprocess.run, command, check=True)
+    shutil.copytree(benchmark / "report", args.output, dirs_exist_ok=True)
+    summary["benchmark_command"] = shlex.join(command)
     summary["machine"] = pipeline.costs["machine"]
     summary["command"] = pipeline.costs["command"]
     atomic_write_json(args.output / "study.json", summary)

@@ -6,6 +6,11 @@ scene area, written as a VOC tree that ``MOCO.DATASETS.VOC`` registers::
 
     <out>/JPEGImages/<id>.jpg  Annotations/<id>.xml  ImageSets/Main/{train,test}.txt
     <out>/unlabelled/patches/<id>.png   # train-area patches for MoCo, no labels
+    <out>/{train,val,test}.json         # the same tiles in COCO format, for moco-benchmark --dataset
+
+The COCO files hold out ``VAL_SCENE`` (``OSBS_029``, one tile of another site) from the training
+tiles as the validation split that ``--dataset`` requires; the VOC tree keeps it in train. Its
+unlabelled patches stay among MoCo's.
 
 Rules (all deterministic):
 
@@ -41,6 +46,7 @@ __all__ = [
     "Box",
     "Tile",
     "build_deepforest_voc",
+    "coco_record",
     "find_deepforest_data",
     "grid_starts",
     "parse_voc_boxes",
@@ -49,6 +55,7 @@ __all__ = [
 ]
 
 CLASSES = ("tree",)
+VAL_SCENE = "OSBS_029"  # the COCO files' validation split
 TILE_SIZE = 400
 TEST_FRACTION = 0.3
 PATCH_SIZE, PATCH_STRIDE = 192, 104  # unlabelled patches: 3 x 3 per full tile
@@ -199,9 +206,24 @@ def _write_patches(root: Path, tile: Tile, image: Image.Image) -> int:
     return count
 
 
+def coco_record(tile: Tile, image_id: int, first_box_id: int) -> tuple[dict, list[dict]]:
+    """The tile's COCO image entry (``file_name`` under ``JPEGImages/``) and its box annotations
+    (0-based ``[x, y, w, h]`` in tile pixels, category 1)."""
+    image = {"id": image_id, "file_name": f"JPEGImages/{tile.image_id}.jpg",
+             "width": tile.width, "height": tile.height}  # fmt: skip
+    annotations = [
+        {"id": first_box_id + i, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+         "bbox": [b.xmin, b.ymin, b.xmax - b.xmin, b.ymax - b.ymin],
+         "area": (b.xmax - b.xmin) * (b.ymax - b.ymin)}
+        for i, b in enumerate(tile.boxes)
+    ]  # fmt: skip
+    return image, annotations
+
+
 def build_deepforest_voc(output: str | Path, source: str | Path | None = None) -> dict:
-    """Write the VOC tree (and the unlabelled train patches) into ``output``; returns a summary
-    (also ``output/summary.json``): tiles, boxes and patches per split, boxes dropped at edges."""
+    """Write the VOC tree (and the unlabelled train patches) into ``output``, with the COCO files;
+    returns a summary (also ``output/summary.json``): tiles, boxes and patches per split, boxes
+    dropped at edges."""
     data = find_deepforest_data(source)
     root = Path(output)
     patches_dir = root / "unlabelled" / "patches"
@@ -209,6 +231,10 @@ def build_deepforest_voc(output: str | Path, source: str | Path | None = None) -
         (root / sub).mkdir(parents=True, exist_ok=True)
     patches_dir.mkdir(parents=True, exist_ok=True)
     ids: dict[str, list[str]] = {"train": [], "test": []}
+    categories = [{"id": 1, "name": CLASSES[0]}]
+    coco = {split: {"images": [], "annotations": [], "categories": categories}
+            for split in ("train", "val", "test")}  # fmt: skip
+    boxes_written = 0
     summary = {"tiles": {"train": 0, "test": 0}, "boxes": {"train": 0, "test": 0}}
     summary.update(patches=0, dropped_edge_boxes=0, tile_size=TILE_SIZE, classes=list(CLASSES))
     for stem, split in SCENES:
@@ -220,11 +246,19 @@ def build_deepforest_voc(output: str | Path, source: str | Path | None = None) -
         for tile in tiles:
             write_voc_tile(root, tile, image)
             ids[tile.split].append(tile.image_id)
+            coco_split = coco["val" if stem == VAL_SCENE else tile.split]
+            image_entry, annotations = coco_record(tile, len(ids["train"]) + len(ids["test"]),
+                                                   boxes_written + 1)  # fmt: skip
+            coco_split["images"].append(image_entry)
+            coco_split["annotations"] += annotations
+            boxes_written += len(annotations)
             summary["tiles"][tile.split] += 1
             summary["boxes"][tile.split] += len(tile.boxes)
             if tile.split == "train":
                 summary["patches"] += _write_patches(patches_dir, tile, image)
     for split, names in ids.items():
         (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
+    for split, content in coco.items():
+        atomic_write_json(root / f"{split}.json", content)
     atomic_write_json(root / "summary.json", summary)  # last: it marks a finished tree
     return summary
