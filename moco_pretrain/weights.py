@@ -26,6 +26,7 @@ explicit rule, or reported as unknown.
 
 from __future__ import annotations
 
+import json
 import pickletools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -147,6 +148,7 @@ _BESIDE_BACKBONE = (
     ("queue", "queue"),
     ("local_memory", "memory bank"),
     ("criterion.", "loss state"),
+    ("dino_loss_func.", "loss state"),  # solo-learn's DINO: the teacher centre
     ("bn.", "loss normalisation"),  # Barlow Twins' affine-free BatchNorm1d of the embeddings
     ("data_preprocessor.", "input normalisation"),
 )
@@ -251,6 +253,8 @@ def _empty_dict(*args: Any) -> dict:
     return {}
 
 
+# torch's allow-list is process-wide while a file loads: other threads loading at the same time
+# see these stand-ins too (inert, so harmless)
 SAFE_GLOBALS = [
     *((PlainData, name) for name in _PLAIN_DATA),
     *((dict, name) for name in _PLAIN_DICTS),
@@ -405,6 +409,16 @@ def _recorded_config(config: Any) -> dict[str, Any] | None:
     return dict(config) if isinstance(config, Mapping) else None
 
 
+def _plain_json(value: Any) -> dict[str, Any] | None:
+    """``value`` when it is a mapping of JSON data only (no inert records of other libraries)."""
+    if not isinstance(value, Mapping):
+        return None
+    try:
+        return json.loads(json.dumps(dict(value)))
+    except (TypeError, ValueError):
+        return None
+
+
 def _detect(obj: Mapping[str, Any], path: Path) -> Layout:
     """The one detectable layout that fits ``obj`` and explains all its keys (where several do,
     the one whose ``requires`` markers are present)."""
@@ -464,11 +478,14 @@ def load_backbone_state_dict(
     meta: dict[str, Any] = {"path": str(path), "sha256": file_sha256(path)}
     recorded = ("epoch", "arch", "method")  # "method": a checkpoint that names its own
     meta.update({k: obj[k] for k in recorded if isinstance(obj.get(k), (int, str))})
-    config = _recorded_config(obj.get("config"))
+    # our checkpoints' config (YAML text) and data description; kept only as plain JSON data,
+    # so that another project's objects never reach a provenance record
+    config = _plain_json(_recorded_config(obj.get("config")))
     if config:
         meta["config"] = config
-    if isinstance(obj.get("data"), Mapping):
-        meta["data"] = dict(obj["data"])
+    data = _plain_json(obj.get("data"))
+    if data:
+        meta["data"] = data
 
     if prefix is not None:
         chosen = Layout("prefix", "--prefix", prefix, ((prefix + "fc.", "projection head"),))

@@ -14,7 +14,9 @@ import torch
 import torchvision
 from PIL import Image
 
+from moco_pretrain.weights import load_backbone_state_dict
 from transfer import benchmark
+from transfer.convert import convert_to_detectron2, write_detectron2_pkl
 
 from .test_transfer_benchmark import error_line
 
@@ -109,6 +111,10 @@ def test_two_rows_two_fractions_two_trials_with_the_fraction_chart(dataset_run):
         with (report / f"f{fraction}" / "report.csv").open() as f:
             rows = {r["row"] for r in csv.DictReader(f)}
         assert rows == {"random init", "SwAV"}
+    # declared before the runs: SwAV against random init, with all labels only
+    assert "Confirmatory (" in (report / "f1" / "report.md").read_text()
+    assert "for SwAV: Holm" in (report / "f1" / "report.md").read_text()
+    assert "Not confirmatory in this report" in (report / "f0.5" / "report.md").read_text()
 
 
 @pytest.mark.slow
@@ -169,3 +175,44 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, damage, extr
     assert re.search(message, err), err
     assert "unpickling ran code" not in capsys.readouterr().out
     assert not (tmp_path / "work").exists()
+
+
+def test_overrides_after_list_options_and_all_labels_always_a_fraction():
+    argv = ["--dataset", "d", "--weights", "SwAV=a.pth", "DINO=b.pth", "--label-fractions", "0.1",
+            "0.25", "SOLVER.MAX_ITER", "6000", "SOLVER.STEPS", "(4500, 5500)"]  # fmt: skip
+    options, overrides = benchmark.split_overrides(argv)
+    assert overrides == ["SOLVER.MAX_ITER", "6000", "SOLVER.STEPS", "(4500, 5500)"]
+    args = benchmark.build_parser().parse_args(options)
+    assert args.weights == [("SwAV", Path("a.pth")), ("DINO", Path("b.pth"))]
+    benchmark.check_arguments(args)
+    assert args.label_fractions == [0.1, 0.25, 1.0]
+
+
+def test_rows_of_a_converted_pkl_and_of_another_file_under_a_known_name(tmp_path, capsys):
+    data, weights = _write_dataset(tmp_path / "data"), _swav_checkpoint(tmp_path / "swav.pth")
+    pkl = tmp_path / "given.pkl"
+    write_detectron2_pkl(
+        convert_to_detectron2(load_backbone_state_dict(weights), arch="resnet18"), pkl
+    )
+    work = tmp_path / "work"
+    args = benchmark.build_parser().parse_args(
+        [
+            "--dataset",
+            str(data),
+            "--arch",
+            "resnet18",
+            "--weights",
+            f"given={pkl}",
+            f"SwAV={weights}",
+        ]
+    )
+    benchmark.check_arguments(args)
+    rows, _, _ = benchmark.dataset_rows(args, work, "moco-benchmark ...")
+    assert rows["given"].weights == {0: pkl}  # a Detectron2 .pkl is used as it is
+    assert rows["SwAV"].weights == {0: work / "weights" / "SwAV.pkl"}
+    other = tmp_path / "other.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), other)
+    err = error_line(capsys, _argv(data, work, other))
+    assert re.search(
+        r"SwAV.pkl was converted from .*swav.pth as resnet18, not from .*other.pth", err
+    )

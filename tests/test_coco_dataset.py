@@ -80,6 +80,20 @@ def test_three_splits_nested_fractions_and_overrides(tmp_path):
     assert len(tenth) == 2 and tenth < subsets[0.25]  # the same seeded order
     recorded = json.loads((tmp_path / "work" / "dataset.json").read_text())["fractions"]
     assert sorted(recorded) == ["0.1", "0.25", "0.5", "1"]
+    stamp = (tmp_path / "work" / "dataset.json").stat().st_mtime_ns
+    prepare_coco_dataset(data, tmp_path / "work", fractions=[0.25, 1.0], seed=0)
+    assert (tmp_path / "work" / "dataset.json").stat().st_mtime_ns == stamp  # nothing rewritten
+    # the dataset edited in place: its subsets would no longer be nested, so it refuses
+    (data / "train.json").write_text(json.dumps(_coco(range(0, 28))))
+    _write_images(data / "train", range(20, 28))
+    with pytest.raises(DatasetError, match="holds another dataset, split or seed, or its files"):
+        prepare_coco_dataset(data, tmp_path / "work", fractions=[0.25], seed=0)
+
+
+def test_all_labels_of_three_split_files_write_nothing(tmp_path):
+    data = _three_splits(tmp_path / "data")
+    prepared = prepare_coco_dataset(data, tmp_path / "work", fractions=[1.0], tag="scenes")
+    assert not (tmp_path / "work").exists() and prepared.fractions == {1.0: data / "train.json"}
 
 
 def test_boxes_only_when_an_annotation_has_no_mask(tmp_path):
@@ -139,3 +153,5 @@ def test_fractions_outside_the_unit_interval(bad):
     with pytest.raises(DatasetError, match=rf"--label-fractions: {bad:g} is not in \(0, 1\]"):
         check_fractions([0.5, bad])
     assert check_fractions([1.0, 0.1, 0.1]) == [0.1, 1.0]
+    with pytest.raises(DatasetError, match="not distinct to 6 digits"):
+        check_fractions([0.3333333, 0.33333334])

@@ -11,6 +11,7 @@ those libraries and runs none of their code.
 from __future__ import annotations
 
 import argparse
+import json
 import pickle
 import sys
 import types
@@ -256,6 +257,12 @@ def _fixtures():
             "loops": {},
         }
 
+    def solo_learn_dino(r, f):
+        state = _under("backbone.", r) | _mlp("head.mlp.", 0, 2) | _under("momentum_backbone.", r)
+        state |= _mlp("momentum_head.mlp.", 0, 2) | {"dino_loss_func.center": torch.zeros(1, 8)}
+        state |= {"classifier.weight": torch.randn(10, 4), "classifier.bias": torch.zeros(10)}
+        return {"epoch": 400, "state_dict": state, "loops": {}, "callbacks": {}}
+
     def solo_learn_swav(r, f):
         state = _under("backbone.", r) | _mlp("projector.", 0, 1, 3)
         state |= {
@@ -346,6 +353,7 @@ def _fixtures():
         "vissl": (".torch", vissl, "vissl", None),
         "solo_learn": (".ckpt", solo_learn, "backbone", None),
         "solo_learn_swav": (".ckpt", solo_learn_swav, "backbone", None),
+        "solo_learn_dino": (".ckpt", solo_learn_dino, "backbone", None),
         "lightly": (".ckpt", lightly, "lightly", None),
         "lightly_benchmark": (".ckpt", lightly_benchmark, "backbone", None),
         "lightly_backbone": (".pth", lightly_backbone, "sequential", None),
@@ -558,3 +566,33 @@ def test_fine_tuning_warns_about_the_input_convention(resnet, tmp_path):
         "normalises pixels with MODEL.PIXEL_MEAN [103.53, 116.28, 123.675] and MODEL.PIXEL_STD "
         "[1.0, 1.0, 1.0]"
     )
+
+
+def test_a_crafted_pickle_is_one_readable_error(resnet, foreign, tmp_path, monkeypatch):
+    """A dict subclass stand-in given object state: torch's unpickler fails inside; one line."""
+    attribute_dict = foreign("lightning.fabric.utilities.data.AttributeDict", base=dict)
+    attribute_dict.__reduce__ = lambda self: (type(self), (), {"lr": 0.1})
+    path = tmp_path / "crafted.ckpt"
+    _save(
+        {"state_dict": _under("backbone.", resnet), "hyper_parameters": attribute_dict()},
+        path,
+        monkeypatch,
+    )
+    with pytest.raises(
+        CheckpointLayoutError,
+        match=r"crafted.ckpt: is not a readable PyTorch checkpoint: .dict. object",
+    ):
+        load_backbone_state_dict(path)
+
+
+def test_other_projects_data_never_reaches_the_provenance(resnet, tmp_path):
+    path = tmp_path / "foreign.pth"
+    torch.save(
+        {"state_dict": resnet, "data": {"run": _namespace()}, "config": {"x": _namespace()}}, path
+    )
+    weights = load_backbone_state_dict(path)
+    assert "data" not in weights.meta and "config" not in weights.meta
+    provenance = convert_to_detectron2(weights, arch=ARCH)["provenance"]
+    json.dumps(provenance)  # plain JSON, as moco-transfer copies it into results.json
+    torch.save({"state_dict": resnet, "data": {"classes": ["Trouser"], "images": 40}}, path)
+    assert load_backbone_state_dict(path).meta["data"] == {"classes": ["Trouser"], "images": 40}

@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 
 from moco_pretrain.files import atomic_write_json
+from transfer.benchmark import split_overrides
 from transfer.datasets.deepforest import build_deepforest_voc
 from transfer.pipeline import Pipeline
 
@@ -74,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    options, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(options)
+    args.opts = [*args.opts, *overrides]
     pipeline = Pipeline(args.work_dir, command=shlex.join(sys.argv))
     tiles = pipeline.path("voc")
     if not (tiles / "summary.json").is_file():

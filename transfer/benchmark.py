@@ -35,8 +35,8 @@ output exists, so an interrupted run resumes where it stopped:
 Any COCO-format dataset and any checkpoint take the same steps, trial seeds, reports and
 intervals: ``--dataset DIR`` (:mod:`transfer.datasets.coco`: ``train/val/test.json``, or one
 ``annotations.json`` split with ``--data-seed``) compares random init with one row per ``--weights
-NAME=FILE`` (any layout ``moco-convert`` reads, converted with ``--arch``; a row named
-``supervised`` is the supervised baseline), fine-tuned with
+NAME=FILE`` (a layout ``moco-convert`` detects, converted with ``--arch``, or a Detectron2
+``.pkl``; a row named ``supervised`` is the supervised baseline), fine-tuned with
 ``detection/coco_format_R_FPN_{pretrained,random}.yaml`` (Mask R-CNN when every annotation has a
 mask, else boxes only). For the embedded scenes and any dataset, ``--label-fractions F ...``
 fine-tunes on nested, seeded subsets of the training images (the same for every row, the full
@@ -57,8 +57,10 @@ import argparse
 import importlib.util
 import json
 import math
+import re
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -68,7 +70,7 @@ from moco_pretrain.checkpoint import Checkpointer
 from moco_pretrain.cli.common import exit_on_user_error
 from moco_pretrain.comparison import Sample, mean_interval
 from moco_pretrain.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
-from moco_pretrain.files import atomic_write, atomic_write_json
+from moco_pretrain.files import atomic_write, atomic_write_json, file_sha256
 from moco_pretrain.pretrain import feature_comparison
 from moco_pretrain.recipes import resolve_config_file
 from moco_pretrain.results import RESULTS_FILE, read_results
@@ -110,7 +112,10 @@ CONTROL_ROWS = {
 }
 USER_RECIPE = "detection/coco_format_R_FPN_{init}.yaml"  # --dataset rows: pretrained, random
 SUPERVISED_LABEL = ROWS["sup"][0]  # a --weights row of this name is the supervised baseline
-SCHEDULES = {"short": 1, "long": 3}  # factor on the config's SOLVER.MAX_ITER and SOLVER.STEPS
+SCHEDULES = {"short": 1, "long": 3}
+CONFIG_KEY = re.compile(
+    r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+"
+)  # where the KEY VALUE overrides start  # factor on the config's SOLVER.MAX_ITER and SOLVER.STEPS
 PARTITION_FILE = "partition.json"
 DETECTRON2_INSTALL = (
     "pip install 'setuptools<81' && pip install --no-build-isolation "
@@ -266,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument(
         "--weights", nargs="+", type=parse_weights, default=[], metavar="NAME=FILE",
-        help="with --dataset: a row per checkpoint (any layout moco-convert reads); a row named"
+        help="with --dataset: a row per checkpoint (a layout moco-convert detects, or a Detectron2"
+        " .pkl); a row named"
         f" {SUPERVISED_LABEL!r} is the supervised baseline",
     )  # fmt: skip
     parser.add_argument("--arch", choices=ARCHS, default="resnet50", help="with --dataset")
@@ -299,7 +305,8 @@ def check_arguments(args: argparse.Namespace) -> None:
             "--pretrained replaces the MoCo pretraining: it takes no --pretrain-seeds above 1,"
             " --controls or --epoch-curve"
         )
-    args.label_fractions = check_fractions(args.label_fractions)
+    # all labels are always a fraction: the confirmatory comparisons and the controls use them
+    args.label_fractions = check_fractions([*args.label_fractions, 1.0])
     if args.task != "detection" and args.label_fractions != [1.0]:
         raise ValueError(f"--label-fractions: the {args.task} task trains on all labels")
     if args.dataset is None:
@@ -308,18 +315,22 @@ def check_arguments(args: argparse.Namespace) -> None:
                 "--weights rows need --dataset (the embedded benchmark builds its own)"
             )
         return
-    embedded_only = {
-        "--pretrained": args.pretrained, "--controls": args.controls,
-        "--epoch-curve": args.epoch_curve, "--pretrain-seeds": args.pretrain_seeds > 1,
-        "--task": args.task != "detection",
-    }  # fmt: skip
-    given = [option for option, value in embedded_only.items() if value]
+    defaults = build_parser().parse_args([])
+    embedded_only = ("pretrained", "controls", "epoch_curve", "pretrain_seeds", "task", "data_root",
+                     "source_classes", "target_classes", "labelled", "val_garments",
+                     "test_garments", "pretrain_opts", "supervised_opts")  # fmt: skip
+    given = [f"--{d.replace('_', '-')}" for d in embedded_only
+             if getattr(args, d) != getattr(defaults, d)]  # fmt: skip
     if given:
         raise ValueError(f"--dataset compares --weights rows with random init: {given} belong to"
                          " the embedded benchmark")  # fmt: skip
-    names = [slug(name) for name, _ in args.weights]
-    if len(set(names)) != len(names) or "random" in names:
-        raise ValueError("--weights: row names must be distinct (as folder names) and not random")
+    folders = [slug(name) for name, _ in args.weights]
+    labels = [name for name, _ in args.weights]
+    if len(set(folders)) != len(folders) or "random" in folders or ROWS["random"][0] in labels:
+        raise ValueError(
+            f"--weights: row names must be distinct (as folder names), not 'random' and not"
+            f" {ROWS['random'][0]!r}"
+        )
 
 
 def parse_weights(text: str) -> tuple[str, Path]:
@@ -357,7 +368,11 @@ def run(args: argparse.Namespace) -> None:
             raise ValueError(f"--dataset needs detectron2; install it with: {DETECTRON2_INSTALL}")
         rows, dataset, pipeline = dataset_rows(args, work, command)
         base_opts = [*device_options(), *depth_options(args.arch)]
-        seeds, title, scene_opts = range(1), str(args.dataset), None
+        seeds, scene_opts = range(1), None
+
+        def title(schedule: str) -> str:
+            return f"\n# {args.dataset}, {schedule} schedule, {args.eval_split} split"
+
         curve: dict[int, Path] = {}
     else:
         partition = partition_of(args)
@@ -382,8 +397,11 @@ def run(args: argparse.Namespace) -> None:
                                            fractions=args.label_fractions)  # fmt: skip
         else:
             scene_opts = scene_options(args.task, scenes, args.eval_split)
-        title = (f"Fashion-MNIST scenes, {args.task}, source {partition['source']}, target"
-                 f" {partition['target']}")  # fmt: skip
+
+        def title(schedule: str) -> str:
+            return (f"\n# Fashion-MNIST scenes, {args.task}, {schedule} schedule, {args.eval_split}"
+                    f" scenes; source {partition['source']}, target {partition['target']}")  # fmt: skip
+
         default_partition = partition == partition_of(build_parser().parse_args([]))
     task_dir = TASK_DIRS[args.task]
     fractions = args.label_fractions
@@ -406,7 +424,7 @@ def run(args: argparse.Namespace) -> None:
         for fraction in fractions:
             data = dataset.options(fraction, eval_split=args.eval_split) if dataset else scene_opts
             base = Path(task_dir, run_name, *([f"f{fraction:g}"] if by_fraction else []))
-            full = fraction == fractions[-1]
+            full = fraction == 1
             report_rows = []
             for key, row in rows.items():
                 if not row.main and not (short and full):
@@ -422,8 +440,8 @@ def run(args: argparse.Namespace) -> None:
                 report_rows.append((row.label, work / out))
             fraction_folders[fraction] = {label: folder for label, folder in report_rows}
             where = output / f"f{fraction:g}" if by_fraction else output
-            print(f"\n# {title}; {schedule} schedule, {args.eval_split} split"
-                  + (f", {fraction:g} of the training labels" if by_fraction else "") + "\n")  # fmt: skip
+            labels = f", {fraction:g} of the training labels" if by_fraction else ""
+            print(title(schedule) + labels + "\n")
             if args.dataset is None:
                 # The protocol's confirmatory comparisons: MoCo against the two baselines, short
                 # schedule, all labels, the default partition, test scenes, fine-tuned end to
@@ -580,24 +598,49 @@ def dataset_rows(
     args: argparse.Namespace, work: Path, command: str
 ) -> tuple[dict[str, Row], CocoDataset, Pipeline]:
     """``--dataset``: random init and one row per ``--weights NAME=FILE``, each file converted
-    with ``--arch``. Every input is checked (the weights converted in memory, the dataset read)
+    with ``--arch`` (a Detectron2 ``.pkl`` used as it is; the backbone preflight checks it when
+    it trains). Every input is checked (the weights converted in memory, the dataset read)
     before anything is written."""
     recipe = USER_RECIPE.format(init="pretrained")
     opts = [*device_options(), *depth_options(args.arch), *frozen_options(args.frozen), *args.opts]
     for init in ("pretrained", "random"):
         recipe_cfg(USER_RECIPE.format(init=init), opts)
-    pkls = {name: work / "weights" / f"{slug(name)}.pkl" for name, _ in args.weights}
+    pkls = {
+        name: checkpoint if checkpoint.suffix == ".pkl" else work / "weights" / f"{slug(name)}.pkl"
+        for name, checkpoint in args.weights
+    }
     for name, checkpoint in args.weights:
-        if not pkls[name].is_file():
+        if checkpoint.suffix == ".pkl":
+            if not checkpoint.is_file():
+                raise FileNotFoundError(f"--weights {name}={checkpoint}: not found")
+        elif pkls[name].is_file():
+            check_converted(pkls[name], checkpoint, args.arch)
+        else:
             convert_to_detectron2(load_backbone_state_dict(checkpoint), arch=args.arch)
     dataset = prepare_coco_dataset(args.dataset, work / "data", fractions=args.label_fractions,
                                    seed=args.data_seed)  # fmt: skip
     pipeline = Pipeline(work, command=command)
     rows = {"random": Row(ROWS["random"][0], USER_RECIPE.format(init="random"), "random")}
     for name, checkpoint in args.weights:
-        pkl = pipeline.convert(checkpoint, pkls[name].relative_to(work), arch=args.arch)
+        pkl = pkls[name]
+        if pkl != checkpoint:
+            pkl = pipeline.convert(checkpoint, pkl.relative_to(work), arch=args.arch)
         rows[slug(name)] = Row(name, recipe, "pretrained", {0: pkl})
     return rows, dataset, pipeline
+
+
+def check_converted(pkl: Path, checkpoint: Path, arch: str) -> None:
+    """Refuse a row's weights converted earlier from another file or for another ``--arch``
+    (its finished trials would be reported under this row)."""
+    from .train_net import weights_provenance
+
+    provenance = weights_provenance(str(pkl)) or {}
+    recorded = (provenance.get("source_sha256"), provenance.get("converted_as"))
+    if recorded != (file_sha256(checkpoint), arch):
+        raise ValueError(
+            f"{pkl} was converted from {provenance.get('source')} as {recorded[1]}, not from"
+            f" {checkpoint} as {arch}: give the row another name or choose another --work-dir"
+        )
 
 
 def device_options() -> list[str]:
@@ -678,8 +721,19 @@ def plot_curves(
     plt.close(fig)
 
 
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``argv`` cut before its first config key (``SOLVER.MAX_ITER``, ...): the options, and the
+    ``KEY VALUE`` overrides, which list options (``--weights``, ``--label-fractions``) would
+    otherwise take as their values."""
+    argv = list(argv)
+    first = next((i for i, a in enumerate(argv) if CONFIG_KEY.fullmatch(a)), len(argv))
+    return argv[:first], argv[first:]
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    options, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(options)
+    args.opts = [*args.opts, *overrides]
     with exit_on_user_error("moco-benchmark"):
         check_arguments(args)
         run(args)

@@ -1,6 +1,6 @@
 """Convert a ResNet backbone checkpoint to a Detectron2 weight file, verifying every tensor.
 
-``moco-convert INPUT OUTPUT.pkl [--prefix P] [--arch resnet50]``
+``moco-convert INPUT OUTPUT.pkl [--prefix P | --layout NAME] [--arch resnet50]``
 
 The key map is exact (torchvision -> Detectron2 ``ResNet`` names)::
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moco_pretrain.files import atomic_write_json
+from moco_pretrain.files import atomic_write_json, file_sha256
 
 __all__ = ["CocoDataset", "DatasetError", "check_fractions", "prepare_coco_dataset"]
 
@@ -92,7 +92,11 @@ def check_fractions(fractions: Sequence[float]) -> list[float]:
     for f in fractions:
         if not 0 < f <= 1:
             raise DatasetError(f"--label-fractions: {f:g} is not in (0, 1]")
-    return sorted(set(fractions))
+    distinct = sorted(set(fractions))
+    names = [f"{f:g}" for f in distinct]
+    if len(set(names)) != len(names):
+        raise DatasetError(f"--label-fractions: {distinct} are not distinct to 6 digits")
+    return distinct
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -193,6 +197,7 @@ def prepare_coco_dataset(
         cocos = {s: _read(path) for s, path in files.items()}
         roots = {s: dataset / s if (dataset / s).is_dir() else dataset for s in SPLITS}
         source = {s: str(files[s].resolve()) for s in SPLITS}
+        digests = {s: file_sha256(files[s]) for s in SPLITS}
     elif (dataset / SINGLE_FILE).is_file():
         path = dataset / SINGLE_FILE
         whole = _read(path)
@@ -202,6 +207,7 @@ def prepare_coco_dataset(
         files = {s: folder / f"{s}.json" for s in SPLITS}
         roots = dict.fromkeys(SPLITS, root)
         source = {SINGLE_FILE: str(path.resolve()), "seed": seed}
+        digests = {SINGLE_FILE: file_sha256(path)}
     else:
         raise DatasetError(
             f"--dataset {dataset}: needs train.json, val.json and test.json, or one {SINGLE_FILE}"
@@ -217,25 +223,31 @@ def prepare_coco_dataset(
     train_ids = sorted(im["id"] for im in cocos["train"]["images"])
     random.Random(seed).shuffle(train_ids)
     keep = {f: math.ceil(f * len(train_ids)) for f in fractions}
-    record = {"source": source, "fraction_seed": seed}
+    # the files' digests: a dataset edited in place would draw other, no longer nested subsets
+    record = {"source": source, "sha256": digests, "fraction_seed": seed}
     summary_path = folder / SUMMARY_FILE
     recorded = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    if recorded is not None and {k: recorded[k] for k in record} != json.loads(json.dumps(record)):
+    if recorded is not None and {k: recorded.get(k) for k in record} != json.loads(
+        json.dumps(record)
+    ):
         raise DatasetError(
-            f"{folder} holds another dataset, split or seed ({recorded['source']}): choose"
-            " another --work-dir"
+            f"{folder} holds another dataset, split or seed, or its files changed"
+            f" ({recorded['source']}): choose another --work-dir"
         )
-    if recorded is None and SINGLE_FILE in source:
-        for split in SPLITS:
-            atomic_write_json(files[split], cocos[split])
-    subsets = (recorded or {}).get("fractions", {})
-    for f in fractions:  # a fraction added to a prepared folder: the same seeded order
-        if f"{f:g}" not in subsets:
-            if f < 1:
-                subset = _subset(cocos["train"], set(train_ids[: keep[f]]))
-                atomic_write_json(folder / f"train_f{f:g}.json", subset)
-            subsets[f"{f:g}"] = sorted(train_ids[: keep[f]])
-    atomic_write_json(summary_path, {**record, "fractions": subsets})
+    # three split files at fraction 1 need nothing written (the embedded scenes' default)
+    if recorded is not None or SINGLE_FILE in source or any(f < 1 for f in fractions):
+        if recorded is None and SINGLE_FILE in source:
+            for split in SPLITS:
+                atomic_write_json(files[split], cocos[split])
+        subsets = dict((recorded or {}).get("fractions", {}))
+        for f in fractions:  # a fraction added to a prepared folder: the same seeded order
+            if f"{f:g}" not in subsets:
+                if f < 1:
+                    subset = _subset(cocos["train"], set(train_ids[: keep[f]]))
+                    atomic_write_json(folder / f"train_f{f:g}.json", subset)
+                subsets[f"{f:g}"] = sorted(train_ids[: keep[f]])
+        if {**record, "fractions": subsets} != recorded:
+            atomic_write_json(summary_path, {**record, "fractions": subsets})
     masks = all(
         "segmentation" in a and a["segmentation"] for c in cocos.values() for a in c["annotations"]
     )
