@@ -27,7 +27,7 @@ explicit rule, or reported as unknown.
 from __future__ import annotations
 
 import json
-import pickletools
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,6 +227,7 @@ _PLAIN_DATA = (
     "argparse.Namespace",
     "typing.Any",
     *(f"numpy.{core}.multiarray.{name}" for core in ("core", "_core") for name in ("_reconstruct", "scalar")),
+    *(f"numpy.{core}.numeric._frombuffer" for core in ("core", "_core")),  # pickle protocol 5
     "numpy.ndarray",
     "numpy.dtype",
     *(f"omegaconf.{name}" for name in (
@@ -268,17 +269,26 @@ _ALREADY_CONVERTED = (
 )
 
 
+class _InertUnpickler(pickle.Unpickler):
+    """A plain pickle's objects with every global an inert :class:`PlainData` record when it is
+    plain data (numpy arrays, ...); any other global refuses, so nothing in the file runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if f"{module}.{name}" not in _PLAIN_DATA:
+            raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
+        return PlainData
+
+
 def _is_detectron2_pkl(path: Path) -> bool:
-    """Whether ``path`` is a Detectron2 weight file (a plain pickle with ``matching_heuristics``
-    or ``__author__``), read statically: nothing in it is built."""
+    """Whether ``path`` is a Detectron2 weight file: a plain pickle of a dict with ``model`` and
+    ``__author__`` or ``matching_heuristics``, its arrays read as inert records."""
     try:
         with open(path, "rb") as f:
-            return any(
-                isinstance(arg, str) and arg in ("matching_heuristics", "__author__")
-                for _, arg, _ in pickletools.genops(f)
-            )
-    except Exception:  # noqa: BLE001 - not a well-formed pickle: not a Detectron2 file either
+            obj = _InertUnpickler(f, encoding="latin1").load()
+    except Exception:  # noqa: BLE001 - not a well-formed plain pickle: not a Detectron2 file
         return False
+    markers = {"__author__", "matching_heuristics"}
+    return isinstance(obj, dict) and "model" in obj and bool(markers & set(obj))
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -517,6 +517,12 @@ def test_a_detectron2_weight_file_gets_its_own_message(resnet, tmp_path, capsys)
     with pytest.raises(SystemExit, match="2"):
         main([str(msra), str(tmp_path / "again.pkl")])
     assert "already a Detectron2 weight file" in capsys.readouterr().err
+    notes = tmp_path / "notes.pkl"  # the markers, but not as a weight file's keys
+    with open(notes, "wb") as f:
+        pickle.dump({"about": {"__author__": "someone"}, "values": np.zeros(2)}, f)
+    with pytest.raises(CheckpointLayoutError, match="notes.pkl: ") as error:
+        load_backbone_state_dict(notes)
+    assert "Detectron2" not in str(error.value)
 
 
 def test_plain_data_written_by_the_real_libraries():
