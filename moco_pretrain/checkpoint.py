@@ -46,8 +46,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} holds objects that only a full unpickle can rebuild, which could run code; "
             f"refusing to load it ({str(err).splitlines()[0]})"
         ) from None
+    except MemoryError:
+        raise
     except Exception as err:  # noqa: BLE001 - any other failure: a corrupt or crafted file
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {err}") from None
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, expected a dict")
     return checkpoint

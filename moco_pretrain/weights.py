@@ -46,6 +46,7 @@ __all__ = [
     "CheckpointLayoutError",
     "Layout",
     "PlainData",
+    "converted_provenance",
     "load_backbone_state_dict",
 ]
 
@@ -279,16 +280,31 @@ class _InertUnpickler(pickle.Unpickler):
         return PlainData
 
 
-def _is_detectron2_pkl(path: Path) -> bool:
-    """Whether ``path`` is a Detectron2 weight file: a plain pickle of a dict with ``model`` and
-    ``__author__`` or ``matching_heuristics``, its arrays read as inert records."""
+def _read_inert(path: Path) -> Any:
+    """A plain pickle read with :class:`_InertUnpickler`; None when it is not one or names any
+    global that is not plain data."""
     try:
         with open(path, "rb") as f:
-            obj = _InertUnpickler(f, encoding="latin1").load()
-    except Exception:  # noqa: BLE001 - not a well-formed plain pickle: not a Detectron2 file
-        return False
-    markers = {"__author__", "matching_heuristics"}
-    return isinstance(obj, dict) and "model" in obj and bool(markers & set(obj))
+            return _InertUnpickler(f, encoding="latin1").load()
+    except Exception:  # noqa: BLE001 - not a well-formed plain pickle of plain data
+        return None
+
+
+def _is_detectron2_pkl(path: Path) -> bool:
+    """Whether ``path`` is a Detectron2 weight file: a plain pickle of arrays by name, under
+    ``model`` (moco-convert, detectron2's checkpoints) or ``blobs``, or at its top level (the
+    Caffe2-converted MSRA models)."""
+    obj = _read_inert(path)
+    arrays = obj.get("model", obj.get("blobs", obj)) if isinstance(obj, dict) else None
+    return bool(arrays) and all(isinstance(v, PlainData) for v in arrays.values())
+
+
+def converted_provenance(path: str | Path) -> dict[str, Any] | None:
+    """The ``provenance`` of a ``.pkl`` written by ``moco-convert``, read without running
+    anything in the file; None for any other file."""
+    obj = _read_inert(Path(path))
+    provenance = obj.get("provenance") if isinstance(obj, dict) and "model" in obj else None
+    return _plain_json(provenance)
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -82,9 +83,9 @@ def dataset_run(tmp_path_factory):
 @pytest.mark.slow
 def test_two_rows_two_fractions_two_trials_with_the_fraction_chart(dataset_run):
     _, _, work = dataset_run
-    for fraction, images in (("0.5", 4), ("1", 8)):
+    for subset, images in (("f0.5", 4), ("", 8)):  # all labels: the run's own folders
         for row in ("random", "SwAV/seed_0"):
-            trials = sorted((work / "det" / "short" / f"f{fraction}" / row).glob("trial_*"))
+            trials = sorted((work / "det" / "short" / subset / row).glob("trial_*"))
             assert [t.name for t in trials] == ["trial_0", "trial_1"]
             result = json.loads((trials[0] / "results.json").read_text())
             assert result["init"] == ("random" if row == "random" else "pretrained")
@@ -96,7 +97,7 @@ def test_two_rows_two_fractions_two_trials_with_the_fraction_chart(dataset_run):
             assert len(json.loads(Path(entries[train]).read_text())["images"]) == images
             assert result["config"]["MODEL"]["RESNETS"]["DEPTH"] == 18
             assert result["config"]["MODEL"]["MASK_ON"] is True
-    swav = json.loads((work / "det/short/f1/SwAV/seed_0/trial_0/results.json").read_text())
+    swav = json.loads((work / "det/short/SwAV/seed_0/trial_0/results.json").read_text())
     assert swav["pretraining"]["layout"] == "swav"
     assert set(swav["pretraining"]["dropped"]) == {
         "projection head",
@@ -107,13 +108,13 @@ def test_two_rows_two_fractions_two_trials_with_the_fraction_chart(dataset_run):
     for metric in ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP"):
         png = report / f"{metric}_vs_label_fraction.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for fraction in ("0.5", "1"):
-        with (report / f"f{fraction}" / "report.csv").open() as f:
+    for subset in ("f0.5", ""):
+        with (report / subset / "report.csv").open() as f:
             rows = {r["row"] for r in csv.DictReader(f)}
         assert rows == {"random init", "SwAV"}
     # declared before the runs: SwAV against random init, with all labels only
-    assert "Confirmatory (" in (report / "f1" / "report.md").read_text()
-    assert "for SwAV: Holm" in (report / "f1" / "report.md").read_text()
+    assert "Confirmatory (" in (report / "report.md").read_text()
+    assert "for SwAV: Holm" in (report / "report.md").read_text()
     assert "Not confirmatory in this report" in (report / "f0.5" / "report.md").read_text()
 
 
@@ -134,7 +135,7 @@ def test_frozen_probe_is_its_own_protocol(dataset_run):
     data, weights, work = dataset_run
     benchmark.main(_argv(data, work, weights, "--frozen"))
     frozen = json.loads((work / "det/short-frozen/SwAV/seed_0/trial_0/results.json").read_text())
-    tuned = json.loads((work / "det/short/f1/SwAV/seed_0/trial_0/results.json").read_text())
+    tuned = json.loads((work / "det/short/SwAV/seed_0/trial_0/results.json").read_text())
     assert frozen["config"]["MODEL"]["BACKBONE"]["FREEZE_AT"] == 5
     assert frozen["config"]["MODEL"]["RESNETS"]["NORM"] == "FrozenBN"
     assert frozen["protocol"]["recipe_sha256"] != tuned["protocol"]["recipe_sha256"]
@@ -182,10 +183,35 @@ def test_overrides_after_list_options_and_all_labels_always_a_fraction():
             "0.25", "SOLVER.MAX_ITER", "6000", "SOLVER.STEPS", "(4500, 5500)"]  # fmt: skip
     options, overrides = benchmark.split_overrides(argv)
     assert overrides == ["SOLVER.MAX_ITER", "6000", "SOLVER.STEPS", "(4500, 5500)"]
+    # an option's value shaped like a key stays with its option
+    assert benchmark.split_overrides(["--work-dir", "RUNS.V2", "SEED.X", "1"]) == (
+        ["--work-dir", "RUNS.V2"],
+        ["SEED.X", "1"],
+    )
     args = benchmark.build_parser().parse_args(options)
     assert args.weights == [("SwAV", Path("a.pth")), ("DINO", Path("b.pth"))]
     benchmark.check_arguments(args)
     assert args.label_fractions == [0.1, 0.25, 1.0]
+
+
+@pytest.mark.parametrize("kind", ["runs code", "another arch", "not converted"])
+def test_a_bad_pkl_row_is_one_line_and_runs_nothing(tmp_path, capsys, kind):
+    data = _write_dataset(tmp_path / "data")
+    pkl = tmp_path / "row.pkl"
+    if kind == "runs code":
+        pkl.write_bytes(pickle.dumps({"model": _RunsCode()}))
+    elif kind == "another arch":
+        r50 = tmp_path / "r50.pth"
+        torch.save(torchvision.models.resnet50().state_dict(), r50)
+        write_detectron2_pkl(convert_to_detectron2(load_backbone_state_dict(r50)), pkl)
+    else:
+        torch.save(torchvision.models.resnet18().state_dict(), pkl)
+    args = ["--dataset", str(data), "--work-dir", str(tmp_path / "work"), "--arch", "resnet18",
+            "--weights", f"X={pkl}", *TINY]  # fmt: skip
+    err = error_line(capsys, args)
+    assert re.search(r"--weights X=.*row.pkl: not a moco-convert .pkl of a resnet18 backbone", err)
+    assert "unpickling ran code" not in capsys.readouterr().out
+    assert not (tmp_path / "work").exists()
 
 
 def test_rows_of_a_converted_pkl_and_of_another_file_under_a_known_name(tmp_path, capsys):

@@ -41,13 +41,13 @@ def test_study_pretrains_then_benchmarks_both_rows_over_fractions_and_trials(tmp
     assert "--dataset" in summary["benchmark_command"]
     runs = work / "benchmark" / "det" / "short"
     checkpoint = summary["moco"]["checkpoint"]
-    for fraction in ("0.5", "1"):
+    for subset in ("f0.5", ""):  # all labels: the run's own folders
         for row in (
             "random",
             slug(study.MOCO_ROW),
         ):
             for trial in (0, 1):
-                folder = runs / f"f{fraction}" / row
+                folder = runs / subset / row
                 result_file = next(folder.rglob(f"trial_{trial}/results.json"))
                 result = json.loads(result_file.read_text())
                 assert result["seed"] == trial and {"bbox/AP", "bbox/AP50"} <= set(
@@ -56,7 +56,7 @@ def test_study_pretrains_then_benchmarks_both_rows_over_fractions_and_trials(tmp
                 assert result["config"]["MODEL"]["MASK_ON"] is False
                 if row != "random":
                     assert result["pretraining"]["source"] == checkpoint
-        report = (output / "short" / f"f{fraction}" / "report.md").read_text()
+        report = (output / "short" / subset / "report.md").read_text()
         assert study.MOCO_ROW in report and "random init" in report
     assert (output / "short" / "bbox_AP_vs_label_fraction.png").read_bytes().startswith(b"\x89PNG")
     seconds = json.loads((work / "costs.json").read_text())["seconds"]

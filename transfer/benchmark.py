@@ -74,7 +74,7 @@ from moco_pretrain.files import atomic_write, atomic_write_json, file_sha256
 from moco_pretrain.pretrain import feature_comparison
 from moco_pretrain.recipes import resolve_config_file
 from moco_pretrain.results import RESULTS_FILE, read_results
-from moco_pretrain.weights import load_backbone_state_dict
+from moco_pretrain.weights import converted_provenance, load_backbone_state_dict
 
 from .convert import ARCHS, convert_to_detectron2
 from .datasets.coco import CocoDataset, check_fractions, prepare_coco_dataset
@@ -112,10 +112,8 @@ CONTROL_ROWS = {
 }
 USER_RECIPE = "detection/coco_format_R_FPN_{init}.yaml"  # --dataset rows: pretrained, random
 SUPERVISED_LABEL = ROWS["sup"][0]  # a --weights row of this name is the supervised baseline
-SCHEDULES = {"short": 1, "long": 3}
-CONFIG_KEY = re.compile(
-    r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+"
-)  # where the KEY VALUE overrides start  # factor on the config's SOLVER.MAX_ITER and SOLVER.STEPS
+SCHEDULES = {"short": 1, "long": 3}  # factor on the config's SOLVER.MAX_ITER and SOLVER.STEPS
+CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+")  # where the KEY VALUE overrides start
 PARTITION_FILE = "partition.json"
 DETECTRON2_INSTALL = (
     "pip install 'setuptools<81' && pip install --no-build-isolation "
@@ -423,7 +421,9 @@ def run(args: argparse.Namespace) -> None:
         fraction_folders: dict[float, dict[str, Path]] = {}
         for fraction in fractions:
             data = dataset.options(fraction, eval_split=args.eval_split) if dataset else scene_opts
-            base = Path(task_dir, run_name, *([f"f{fraction:g}"] if by_fraction else []))
+            # all labels in the run's own folders, as without --label-fractions
+            subset = [f"f{fraction:g}"] if fraction != 1 else []
+            base = Path(task_dir, run_name, *subset)
             full = fraction == 1
             report_rows = []
             for key, row in rows.items():
@@ -439,7 +439,7 @@ def run(args: argparse.Namespace) -> None:
                               data=data, step=f"fine_tune/{step}/{key}")  # fmt: skip
                 report_rows.append((row.label, work / out))
             fraction_folders[fraction] = {label: folder for label, folder in report_rows}
-            where = output / f"f{fraction:g}" if by_fraction else output
+            where = output.joinpath(*subset)
             labels = f", {fraction:g} of the training labels" if by_fraction else ""
             print(title(schedule) + labels + "\n")
             if args.dataset is None:
@@ -598,9 +598,9 @@ def dataset_rows(
     args: argparse.Namespace, work: Path, command: str
 ) -> tuple[dict[str, Row], CocoDataset, Pipeline]:
     """``--dataset``: random init and one row per ``--weights NAME=FILE``, each file converted
-    with ``--arch`` (a Detectron2 ``.pkl`` used as it is; the backbone preflight checks it when
-    it trains). Every input is checked (the weights converted in memory, the dataset read)
-    before anything is written."""
+    with ``--arch`` (a ``.pkl`` that ``moco-convert`` wrote for ``--arch`` used as it is). Every
+    input is checked (the weights converted in memory, a ``.pkl`` read without running anything
+    in it, the dataset read) before anything is written."""
     recipe = USER_RECIPE.format(init="pretrained")
     opts = [*device_options(), *depth_options(args.arch), *frozen_options(args.frozen), *args.opts]
     for init in ("pretrained", "random"):
@@ -611,8 +611,8 @@ def dataset_rows(
     }
     for name, checkpoint in args.weights:
         if checkpoint.suffix == ".pkl":
-            if not checkpoint.is_file():
-                raise FileNotFoundError(f"--weights {name}={checkpoint}: not found")
+            check_given_pkl(checkpoint, args.arch, name)
+            check_finished_trials(work, slug(name), checkpoint)
         elif pkls[name].is_file():
             check_converted(pkls[name], checkpoint, args.arch)
         else:
@@ -629,6 +629,34 @@ def dataset_rows(
     return rows, dataset, pipeline
 
 
+def check_given_pkl(pkl: Path, arch: str, name: str) -> None:
+    """A ``.pkl`` row: one that ``moco-convert`` wrote for ``arch`` (its provenance says so)."""
+    if not pkl.is_file():
+        raise FileNotFoundError(f"--weights {name}={pkl}: not found")
+    provenance = converted_provenance(pkl)
+    if provenance is None or provenance.get("converted_as") != arch:
+        recorded = (
+            f"converted as {provenance.get('converted_as')}" if provenance else "no provenance"
+        )
+        raise ValueError(
+            f"--weights {name}={pkl}: not a moco-convert .pkl of a {arch} backbone ({recorded}):"
+            f" pass its source checkpoint, or convert that with moco-convert --arch {arch}"
+        )
+
+
+def check_finished_trials(work: Path, key: str, pkl: Path) -> None:
+    """Refuse weights other than those the row's finished trials trained from (they would be
+    reported under this row)."""
+    sha256 = file_sha256(pkl)
+    for path in work.rglob(RESULTS_FILE):
+        trial_weights = read_results(path).get("weights") or {}
+        if path.parents[2].name == key and trial_weights.get("checkpoint_sha256") != sha256:
+            raise ValueError(
+                f"{path.parent} trained from other weights than {pkl}: give the row another"
+                " name or choose another --work-dir"
+            )
+
+
 def check_converted(pkl: Path, checkpoint: Path, arch: str) -> None:
     """Refuse a row's weights converted earlier from another file or for another ``--arch``
     (its finished trials would be reported under this row)."""
@@ -636,6 +664,8 @@ def check_converted(pkl: Path, checkpoint: Path, arch: str) -> None:
 
     provenance = weights_provenance(str(pkl)) or {}
     recorded = (provenance.get("source_sha256"), provenance.get("converted_as"))
+    if not provenance:
+        raise ValueError(f"{pkl} has no moco-convert provenance: choose another --work-dir")
     if recorded != (file_sha256(checkpoint), arch):
         raise ValueError(
             f"{pkl} was converted from {provenance.get('source')} as {recorded[1]}, not from"
@@ -722,11 +752,15 @@ def plot_curves(
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """``argv`` cut before its first config key (``SOLVER.MAX_ITER``, ...): the options, and the
-    ``KEY VALUE`` overrides, which list options (``--weights``, ``--label-fractions``) would
-    otherwise take as their values."""
+    """``argv`` cut before its first config key (``SOLVER.MAX_ITER``, ...) that is not an
+    option's value: the options, and the ``KEY VALUE`` overrides, which list options
+    (``--weights``, ``--label-fractions``) would otherwise take as their values."""
     argv = list(argv)
-    first = next((i for i, a in enumerate(argv) if CONFIG_KEY.fullmatch(a)), len(argv))
+    first = next(
+        (i for i, a in enumerate(argv)
+         if CONFIG_KEY.fullmatch(a) and (i == 0 or not argv[i - 1].startswith("-"))),
+        len(argv),
+    )  # fmt: skip
     return argv[:first], argv[first:]
 
 
