@@ -462,7 +462,9 @@ def _detect(obj: Mapping[str, Any], path: Path) -> Layout:
     if len(explained) > 1:
         raise CheckpointLayoutError(
             f"{path}: several layouts fit: "
-            + ", ".join(f"{layout.name} ({layout.prefix!r})" for layout in explained)
+            + ", ".join(
+                f"{layout.name} ({layout.prefix!r}: {layout.sources})" for layout in explained
+            )
             + "; choose one with --layout or pass the backbone's key prefix with --prefix"
         )
     if fitting:  # a ResNet found, with keys no layout explains: _split names them

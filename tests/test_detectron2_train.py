@@ -206,7 +206,7 @@ def test_voc_two_iterations_and_evaluation(tmp_path, backbone_pkl):
 
 
 def test_weights_provenance_is_read_from_converted_pkls_only(tmp_path, backbone_pkl):
-    from transfer.train_net import weights_provenance
+    from moco_pretrain.weights import converted_provenance as weights_provenance
 
     provenance = weights_provenance(str(backbone_pkl))
     assert provenance["method"] == "supervised" and provenance["converted_as"] == "resnet50"

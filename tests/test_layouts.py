@@ -23,7 +23,12 @@ import safetensors.torch
 import torch
 import torchvision
 
-from moco_pretrain.weights import LAYOUTS, CheckpointLayoutError, load_backbone_state_dict
+from moco_pretrain.weights import (
+    LAYOUTS,
+    CheckpointLayoutError,
+    converted_provenance,
+    load_backbone_state_dict,
+)
 from transfer.convert import (
     ConversionError,
     convert_to_detectron2,
@@ -566,8 +571,9 @@ def test_fine_tuning_warns_about_the_input_convention(resnet, tmp_path):
         weights = load_backbone_state_dict(source, layout=layout)
         write_detectron2_pkl(convert_to_detectron2(weights, arch=ARCH), pkl)
     mean, std = [103.53, 116.28, 123.675], [1.0, 1.0, 1.0]
-    assert train_net.input_convention_note(str(plain), mean, std) is None
-    assert train_net.input_convention_note(str(simclr), mean, std) == (
+    note = train_net.input_convention_note
+    assert note(converted_provenance(plain), str(plain), mean, std) is None
+    assert note(converted_provenance(simclr), str(simclr), mean, std) == (
         f"{simclr}: the backbone takes RGB in [0, 1] without mean/std normalisation; this run "
         "normalises pixels with MODEL.PIXEL_MEAN [103.53, 116.28, 123.675] and MODEL.PIXEL_STD "
         "[1.0, 1.0, 1.0]"

@@ -76,7 +76,7 @@ from moco_pretrain.recipes import resolve_config_file
 from moco_pretrain.results import RESULTS_FILE, read_results
 from moco_pretrain.weights import converted_provenance, load_backbone_state_dict
 
-from .convert import ARCHS, convert_to_detectron2
+from .convert import ARCHS, convert_to_detectron2, write_detectron2_pkl
 from .datasets.coco import CocoDataset, check_fractions, prepare_coco_dataset
 from .datasets.scenes import SUMMARY_FILE, build_fashion_scenes, scene_classes, scene_options
 from .pipeline import Pipeline
@@ -476,22 +476,21 @@ def run(args: argparse.Namespace) -> None:
                 name = metric.replace("/", "_")
                 plot_curves(
                     {label: {f: folders[label] for f, folders in fraction_folders.items()}
-                     for label in fraction_folders[fractions[-1]]
+                     for label in fraction_folders[1.0]
                      if all(label in folders for folders in fraction_folders.values())},
                     metric=metric, path=work / output / f"{name}_vs_label_fraction.png",
                     xlabel="fraction of the training labels", spread="ci95",
                 )  # fmt: skip
         if curve and short:
             curve_dirs = {}
-            full_data = (dataset.options(fractions[-1], eval_split=args.eval_split) if dataset
-                         else scene_opts)  # fmt: skip
+            full_data = dataset.options(1.0, eval_split=args.eval_split) if dataset else scene_opts
             for epoch, pkl in curve.items():
                 curve_dirs[epoch] = Path(task_dir, run_name, "epochs", f"epoch_{epoch}")
                 fine_tune(RECIPES[args.task].format(init="moco"), curve_dirs[epoch], pkl,
                           args.trials, init="moco", schedule=schedule,
                           data=full_data, step=f"fine_tune/{step}/epochs")  # fmt: skip
             metric = recipe_cfg(RECIPES[args.task].format(init="moco"), recipe_opts)
-            full_folders = fraction_folders[fractions[-1]]
+            full_folders = fraction_folders[1.0]
             plot_curves(
                 {"MoCo v2, one run": {epoch: work / folder for epoch, folder in curve_dirs.items()}},
                 bands={ROWS[r][0]: full_folders[ROWS[r][0]] for r in ("sup", "random")},
@@ -609,6 +608,7 @@ def dataset_rows(
         name: checkpoint if checkpoint.suffix == ".pkl" else work / "weights" / f"{slug(name)}.pkl"
         for name, checkpoint in args.weights
     }
+    converted = {}  # written once the dataset is checked too
     for name, checkpoint in args.weights:
         if checkpoint.suffix == ".pkl":
             check_given_pkl(checkpoint, args.arch, name)
@@ -616,16 +616,16 @@ def dataset_rows(
         elif pkls[name].is_file():
             check_converted(pkls[name], checkpoint, args.arch)
         else:
-            convert_to_detectron2(load_backbone_state_dict(checkpoint), arch=args.arch)
+            backbone = load_backbone_state_dict(checkpoint)
+            converted[name] = convert_to_detectron2(backbone, arch=args.arch)
     dataset = prepare_coco_dataset(args.dataset, work / "data", fractions=args.label_fractions,
                                    seed=args.data_seed)  # fmt: skip
     pipeline = Pipeline(work, command=command)
     rows = {"random": Row(ROWS["random"][0], USER_RECIPE.format(init="random"), "random")}
-    for name, checkpoint in args.weights:
-        pkl = pkls[name]
-        if pkl != checkpoint:
-            pkl = pipeline.convert(checkpoint, pkl.relative_to(work), arch=args.arch)
-        rows[slug(name)] = Row(name, recipe, "pretrained", {0: pkl})
+    for name, _ in args.weights:
+        if name in converted:
+            write_detectron2_pkl(converted.pop(name), pkls[name])
+        rows[slug(name)] = Row(name, recipe, "pretrained", {0: pkls[name]})
     return rows, dataset, pipeline
 
 
@@ -660,9 +660,7 @@ def check_finished_trials(work: Path, key: str, pkl: Path) -> None:
 def check_converted(pkl: Path, checkpoint: Path, arch: str) -> None:
     """Refuse a row's weights converted earlier from another file or for another ``--arch``
     (its finished trials would be reported under this row)."""
-    from .train_net import weights_provenance
-
-    provenance = weights_provenance(str(pkl)) or {}
+    provenance = converted_provenance(pkl) or {}
     recorded = (provenance.get("source_sha256"), provenance.get("converted_as"))
     if not provenance:
         raise ValueError(f"{pkl} has no moco-convert provenance: choose another --work-dir")

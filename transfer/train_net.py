@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -69,6 +68,7 @@ from moco_pretrain.config import flatten_config
 from moco_pretrain.files import file_sha256
 from moco_pretrain.recipes import config_root, resolve_config_file
 from moco_pretrain.results import RESULTS_FILE, write_results
+from moco_pretrain.weights import converted_provenance
 
 from .config import add_moco_config, check_moco_config
 from .datasets.register import register_datasets
@@ -289,28 +289,14 @@ def _sha256(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def weights_provenance(weights: str) -> dict[str, Any] | None:
-    """The ``provenance`` that ``moco-convert`` records in a ``.pkl`` weight file (how the
-    backbone was pretrained: method, epochs, arch, seed, data); None for any other weights.
-
-    Unpickled as detectron2 loads the same file for training (its ``.pkl`` reader is
-    ``pickle.load``): no file that training would not read already.
-    """
-    if not (weights.endswith(".pkl") and os.path.isfile(weights)):
-        return None
-    with open(weights, "rb") as f:
-        data = pickle.load(f, encoding="latin1")
-    provenance = data.get("provenance") if isinstance(data, dict) else None
-    return provenance if isinstance(provenance, dict) else None
-
-
 def input_convention_note(
-    weights: str, pixel_mean: Sequence[float], pixel_std: Sequence[float]
-) -> str | None:
-    """A warning when the weights' provenance records an input convention (``moco-convert``:
+    provenance: dict[str, Any] | None, weights: str, pixel_mean: Sequence[float],
+    pixel_std: Sequence[float],
+) -> str | None:  # fmt: skip
+    """A warning when the weights' ``provenance`` records an input convention (``moco-convert``:
     e.g. a SimCLR port's unnormalised [0, 1] RGB) that the detector's normalisation may not
     match; None for weights without one."""
-    expected = (weights_provenance(weights) or {}).get("input")
+    expected = (provenance or {}).get("input")
     if not expected:
         return None
     return (
@@ -320,10 +306,11 @@ def input_convention_note(
 
 
 def write_trial_results(
-    cfg: CfgNode, results: dict[str, Any], *, trial: int, effective: CfgNode, config_file: str
-) -> Path:
+    cfg: CfgNode, results: dict[str, Any], *, trial: int, effective: CfgNode, config_file: str,
+    pretraining: dict[str, Any] | None,
+) -> Path:  # fmt: skip
     """The trial's ``results.json`` (:mod:`moco_pretrain.results`), read by ``moco-report``:
-    the metrics, the weights' sha256 and ``pretraining`` (:func:`weights_provenance`), ``cfg``
+    the metrics, the weights' sha256 and ``pretraining`` (the provenance ``moco-convert`` recorded in the weights, or None), ``cfg``
     as given (before any rescaling), ``config_file`` and the :func:`protocol_of` the
     ``effective`` config.
 
@@ -346,7 +333,7 @@ def write_trial_results(
         trial=trial,
         seed=cfg.SEED,
         **({"partition": partition} if (partition := partition_of(cfg)) else {}),
-        pretraining=weights_provenance(weights),
+        pretraining=pretraining,
     )
 
 
@@ -398,7 +385,11 @@ def run_trial(job: FineTune, trial: int) -> dict[str, Any]:
         load_verified(model, load, weights=cfg.MODEL.WEIGHTS)
     else:
         load()
-    note = input_convention_note(cfg.MODEL.WEIGHTS, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD)
+    # read once, never unpickled: how the backbone was pretrained (None for other weights)
+    provenance = converted_provenance(cfg.MODEL.WEIGHTS)
+    note = input_convention_note(
+        provenance, cfg.MODEL.WEIGHTS, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD
+    )
     if note and comm.is_main_process():
         logging.getLogger("detectron2").warning(note)
     results = run()
@@ -407,8 +398,9 @@ def run_trial(job: FineTune, trial: int) -> dict[str, Any]:
         if config_file.is_relative_to(config_root().resolve()):
             config_file = config_file.relative_to(config_root().resolve())
         write_trial_results(
-            cfg, results, trial=trial, effective=effective, config_file=str(config_file)
-        )
+            cfg, results, trial=trial, effective=effective, config_file=str(config_file),
+            pretraining=provenance,
+        )  # fmt: skip
     return results
 
 

@@ -124,9 +124,9 @@ def _read(path: Path) -> dict[str, Any]:
                 raise DatasetError(f"{path}: annotation {a.get('id')} has an empty box {a['bbox']}")
         for image in coco["images"]:
             image["file_name"]  # noqa: B018 - checked present
+    except DatasetError:
+        raise
     except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, DatasetError):
-            raise
         raise DatasetError(f"{path}: not a COCO instances file ({type(e).__name__}: {e})") from None
     if not names:
         raise DatasetError(f"{path}: no categories")
@@ -206,7 +206,7 @@ def prepare_coco_dataset(
         cocos = _split_single_file(whole, seed, path)
         files = {s: folder / f"{s}.json" for s in SPLITS}
         roots = dict.fromkeys(SPLITS, root)
-        source = {SINGLE_FILE: str(path.resolve()), "seed": seed}
+        source = {SINGLE_FILE: str(path.resolve())}  # split by fraction_seed
         digests = {SINGLE_FILE: file_sha256(path)}
     else:
         raise DatasetError(
